@@ -1,0 +1,44 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+# Both create or refresh .venv, install fastedge with its extras and compile the core.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastedge-installed
+
+.PHONY: all build test demo lint typecheck bench bench-load clean
+
+all: build
+
+# (Re)install when the packaging files change; editable so tests see the source tree.
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test,bench,dev]'
+	touch $(STAMP)
+
+# Recompile changed .pyx in place (cythonize skips unchanged modules).
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest
+
+demo: build
+	$(PY) -m fastedge demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fastedge tests bench
+	$(VENV)/bin/ruff format --check fastedge tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+bench: build
+	$(PY) -m pytest bench/ --benchmark-only
+
+# Side-by-side load run against nginx and HAProxy (installs them from Debian if missing).
+bench-load: build
+	$(PY) -m bench.load.run
+
+clean:
+	rm -rf build fastedge/_core/*.c fastedge/_core/*.so fastedge/_core/*.html

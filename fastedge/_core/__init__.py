@@ -1,0 +1,50 @@
+"""The compiled core and its pure-Python twins; this module alone chooses between them.
+
+Each component exists twice with one API (the aio-libs/multidict way):
+``router.pyx`` (compiled) and ``router_py.py`` (pure Python, the readable specification),
+likewise ``lru``, ``ratelimit`` and ``hashring``. ``FASTEDGE_NO_EXTENSIONS=1`` forces the
+Python twins; ``USING_EXTENSIONS`` says whether every compiled module was loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+NO_EXTENSIONS: bool = os.environ.get("FASTEDGE_NO_EXTENSIONS", "") not in ("", "0")
+
+if TYPE_CHECKING:  # the .pyi stubs of the compiled modules are the typed contract
+    from .hashring import HashRing as HashRing
+    from .lru import LRUCache as LRUCache
+    from .ratelimit import SlidingWindow as SlidingWindow
+    from .ratelimit import TokenBucket as TokenBucket
+    from .router import PrefixRouter as PrefixRouter
+
+    USING_EXTENSIONS: bool
+else:
+    USING_EXTENSIONS = False
+    if not NO_EXTENSIONS:
+        try:
+            from .hashring import HashRing
+            from .lru import LRUCache
+            from .ratelimit import SlidingWindow, TokenBucket
+            from .router import PrefixRouter
+
+            USING_EXTENSIONS = True
+        except ImportError:  # not compiled (e.g. a source checkout without build_ext)
+            USING_EXTENSIONS = False
+    if not USING_EXTENSIONS:
+        from .hashring_py import HashRing
+        from .lru_py import LRUCache
+        from .ratelimit_py import SlidingWindow, TokenBucket
+        from .router_py import PrefixRouter
+
+__all__ = [
+    "NO_EXTENSIONS",
+    "USING_EXTENSIONS",
+    "HashRing",
+    "LRUCache",
+    "PrefixRouter",
+    "SlidingWindow",
+    "TokenBucket",
+]
