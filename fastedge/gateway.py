@@ -1,0 +1,189 @@
+"""A gateway: everything one config generation needs to serve requests.
+
+Built once per config load (startup and every reload) and never mutated afterwards; a
+client connection picks up the current gateway at the start of each request, so a reload
+applies to new requests while in-flight ones finish on the gateway they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import ssl
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastedge.config import Config, TargetConfig, UpstreamConfig
+from fastedge.http.engine import Engine, Limits, get_engine
+from fastedge.observe.logging import AccessLog
+from fastedge.observe.metrics import Metrics
+from fastedge.router import Route, Router
+from fastedge.upstream.balancer import SmoothRoundRobin
+from fastedge.upstream.pool import ConnectionPool
+
+if TYPE_CHECKING:
+    from fastedge.proxy import Exchange, UpstreamConnection
+
+
+class Target:
+    """One upstream server and its connection pool."""
+
+    __slots__ = (
+        "host",
+        "name",
+        "pool",
+        "port",
+        "server_hostname",
+        "ssl",
+        "upstream_name",
+        "weight",
+    )
+
+    def __init__(
+        self, cfg: TargetConfig, upstream: UpstreamConfig, ssl_ctx: ssl.SSLContext | None
+    ) -> None:
+        self.name = cfg.url
+        self.upstream_name = upstream.name
+        self.host = cfg.host
+        self.port = cfg.port
+        self.weight = cfg.weight
+        self.ssl = ssl_ctx
+        self.server_hostname = (upstream.tls_server_name or cfg.host) if ssl_ctx else None
+        pool = upstream.pool
+        self.pool: ConnectionPool[UpstreamConnection] = ConnectionPool(
+            cfg.url,
+            self.connect,
+            max_connections=pool.max_connections,
+            idle_timeout=pool.idle_timeout,
+            wait_timeout=pool.wait_timeout,
+            connect_timeout=pool.connect_timeout,
+        )
+
+    async def connect(self) -> UpstreamConnection:
+        """Open one connection to this target (TLS when the target is https)."""
+        from fastedge.proxy import UpstreamConnection
+
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_connection(
+            lambda: UpstreamConnection(self),
+            self.host,
+            self.port,
+            ssl=self.ssl,
+            server_hostname=self.server_hostname,
+        )
+        return proto
+
+
+class Upstream:
+    """A named group of targets with a balancer."""
+
+    __slots__ = ("balancer", "host_header", "name", "response_timeout", "targets")
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        self.name = cfg.name
+        ctx = _client_ssl_context(cfg) if any(t.scheme == "https" for t in cfg.targets) else None
+        self.targets = [Target(t, cfg, ctx if t.scheme == "https" else None) for t in cfg.targets]
+        self.balancer: SmoothRoundRobin[Target] = SmoothRoundRobin(
+            self.targets, [t.weight for t in self.targets]
+        )
+        self.host_header = cfg.host_header.encode() if cfg.host_header else None
+        self.response_timeout = cfg.pool.response_timeout
+
+    def close(self) -> None:
+        """Close every target's idle connections."""
+        for target in self.targets:
+            target.pool.close()
+
+
+def _client_ssl_context(cfg: UpstreamConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=cfg.tls_ca)
+    if not cfg.tls_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+@dataclass(eq=False)
+class Gateway:
+    """Runtime state of one config generation (see module docstring)."""
+
+    config: Config
+    loop: asyncio.AbstractEventLoop
+    engine: Engine
+    limits: Limits
+    router: Router[Upstream]
+    upstreams: dict[str, Upstream]
+    metrics: Metrics
+    access_log: AccessLog | None
+    via: bytes
+    header_timeout: float
+    keepalive_timeout: float
+    body_timeout: float
+    max_requests_per_connection: int
+
+    @property
+    def access_log_enabled(self) -> bool:
+        """Whether access-log records are written."""
+        return self.access_log is not None
+
+    def log_access(self, record: dict[str, Any]) -> None:
+        """Write one access-log record (a timestamp is added here)."""
+        if self.access_log is not None:
+            record["ts"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
+            self.access_log.log(record)
+
+    def response_timeout_for(self, ex: Exchange) -> float:
+        """Upstream response (read) timeout for this exchange."""
+        up = ex.upstream
+        return up.response_timeout if up is not None else 60.0
+
+    def close(self) -> None:
+        """Close idle upstream connections (a reload retired this gateway)."""
+        for up in self.upstreams.values():
+            up.close()
+
+
+def build_gateway(
+    config: Config,
+    *,
+    metrics: Metrics,
+    access_log: AccessLog | None,
+    engine: Engine | None = None,
+) -> Gateway:
+    """Resolve a validated :class:`Config` into a ready :class:`Gateway` (needs a loop)."""
+    loop = asyncio.get_running_loop()
+    srv = config.server
+    upstreams = {name: Upstream(cfg) for name, cfg in config.upstreams.items()}
+    routes = [
+        Route(
+            name=r.name or r.prefix,
+            prefix=r.prefix,
+            upstream=upstreams[r.upstream],
+            strip_prefix=r.strip_prefix,
+            rewrite=r.rewrite,
+            host=r.host,
+            methods=r.methods,
+        )
+        for r in config.routes
+    ]
+    return Gateway(
+        config=config,
+        loop=loop,
+        engine=engine or get_engine(srv.http),
+        limits=Limits(
+            max_head_bytes=srv.max_head_bytes,
+            max_uri_bytes=srv.max_uri_bytes,
+            max_headers=srv.max_headers,
+            max_body_bytes=srv.max_body_bytes,
+        ),
+        router=Router(routes),
+        upstreams=upstreams,
+        metrics=metrics,
+        access_log=access_log,
+        via=b"1.1 " + srv.proxy_name.encode(),
+        header_timeout=srv.header_timeout,
+        keepalive_timeout=srv.keepalive_timeout,
+        body_timeout=srv.body_timeout,
+        max_requests_per_connection=srv.max_requests_per_connection,
+    )

@@ -1,0 +1,932 @@
+"""The data path: client connections, upstream connections and one exchange between them.
+
+Everything here is callback-driven ``asyncio.Protocol`` code (no streams, no task per
+request on the common path): on uvloop that is what keeps the per-request cost near the
+cost of parsing. The shape of one exchange:
+
+1. the client's bytes go through the engine's :class:`~fastedge.http.engine.ServerCodec`;
+   events are queued on the connection and pumped in order (pipelining);
+2. a request head is routed, its headers rewritten, and an upstream connection taken
+   from the target's pool — synchronously when an idle one exists, otherwise in a task
+   that connects (or waits for a free slot);
+3. request body pieces are relayed as they arrive (buffered only until the upstream
+   connection exists); response events are relayed back through the server codec;
+4. both directions have flow control: a full write buffer on one side pauses reading on
+   the other;
+5. when the response ended and the request was fully read, the upstream connection goes
+   back to the pool (if reusable), the exchange is logged, and the next queued request
+   starts.
+
+Failures become a :class:`~fastedge.errors.ProxyError` answered through
+:func:`~fastedge.errors.error_response` when no response byte was sent yet; after that,
+the client connection is closed so a truncated body is never presented as complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from fastedge.errors import Kind, ProxyError, error_response
+from fastedge.http.engine import (
+    END,
+    ClientCodec,
+    ProtocolError,
+    RequestEvent,
+    RequestHead,
+    ResponseHead,
+    ServerCodec,
+)
+from fastedge.http.headers import (
+    new_request_id,
+    rewrite_request_headers,
+    rewrite_response_headers,
+)
+
+if TYPE_CHECKING:
+    from fastedge.gateway import Gateway, Target, Upstream
+    from fastedge.router import Route
+
+log = logging.getLogger("fastedge.proxy")
+
+# Request body bytes held while the upstream connection is being opened; past this the
+# client is paused (the same size as nginx's default proxy buffers: 8 x 8 KiB).
+PENDING_BODY_LIMIT = 64 * 1024
+# Bytes a client may send ahead (pipelining) while its current request waits for the
+# response; past this we stop reading from it.
+PIPELINE_AHEAD_LIMIT = 64 * 1024
+
+# Reasons a client transport's reading is paused (a bit each; reading resumes at 0).
+_PAUSE_UPSTREAM = 1  # the upstream's write buffer is full (request body backpressure)
+_PAUSE_PIPELINE = 2  # too much sent ahead of the current request
+_PAUSE_PENDING = 4  # body buffered while connecting
+
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+_ERROR_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    503: b"Service Unavailable",
+    505: b"HTTP Version Not Supported",
+}
+
+
+def raw_error(status: int, message: str, request_id: bytes) -> bytes:
+    """A complete ``Connection: close`` error response built without a codec.
+
+    Used when the request could not be parsed, so no codec state describes it.
+    """
+    import orjson
+
+    body = orjson.dumps({"error": message, "status": status, "request_id": request_id.decode()})
+    reason = _ERROR_REASONS.get(status, b"Error")
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"x-request-id: %s\r\n" % request_id,
+            b"connection: close\r\n\r\n",
+            body,
+        )
+    )
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to an upstream target; carries one exchange at a time."""
+
+    __slots__ = ("_dead", "exchange", "idle_since", "read_paused", "target", "transport")
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.idle_since = 0.0
+        self.read_paused = False
+        self._dead = False
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.on_upstream_data(data)
+        else:
+            # Bytes while idle: the upstream broke framing; never reuse this connection.
+            self._dead = True
+            self.close()
+
+    def eof_received(self) -> bool:
+        self._dead = True
+        ex = self.exchange
+        if ex is not None:
+            ex.on_upstream_lost(None)
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._dead = True
+        ex = self.exchange
+        if ex is not None:
+            ex.on_upstream_lost(exc)
+        else:
+            self.target.pool.discard(self)
+
+    def pause_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.conn.set_pause(_PAUSE_UPSTREAM, True)
+
+    def resume_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.conn.set_pause(_PAUSE_UPSTREAM, False)
+
+    # --- pool protocol ------------------------------------------------------------------
+    def is_usable(self) -> bool:
+        """Open and clean: nothing arrived while idle."""
+        t = self.transport
+        return not self._dead and t is not None and not t.is_closing()
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self._dead = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def resume_reading(self) -> None:
+        """Undo a pause made for client backpressure."""
+        if self.read_paused and self.transport is not None:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: parses requests, runs exchanges in order, writes responses."""
+
+    __slots__ = (
+        "_deadline_handle",
+        "_pumping",
+        "ahead_bytes",
+        "client_ip",
+        "closing",
+        "codec",
+        "eof",
+        "exchange",
+        "gateway",
+        "last_read",
+        "paused",
+        "proto",
+        "queue",
+        "requests",
+        "server",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, server: Any, proto: bytes) -> None:
+        self.server = server  # fastedge.server.ProxyServer: current gateway + conn registry
+        self.proto = proto
+        self.gateway: Gateway = server.gateway
+        self.transport: asyncio.Transport | None = None
+        self.codec: ServerCodec = self.gateway.engine.server(self.gateway.limits)
+        self.exchange: Exchange | None = None
+        self.queue: deque[RequestEvent] = deque()
+        self.client_ip = b"-"
+        self.paused = 0
+        self.write_paused = False
+        self.closing = False
+        self.eof = False
+        self.requests = 0
+        self.ahead_bytes = 0
+        self.last_read = 0.0
+        self._pumping = False
+        self._deadline_handle: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip = str(peer[0]).encode()
+        self.server.connections.add(self)
+        self.last_read = self.server.loop.time()
+        self._arm_deadline(self.gateway.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_read = self.server.loop.time()
+        ex = self.exchange
+        if ex is not None and ex.request_complete:
+            # Pipelined bytes for a later request: bound what we accept ahead.
+            self.ahead_bytes += len(data)
+            if self.ahead_bytes > PIPELINE_AHEAD_LIMIT:
+                self.set_pause(_PAUSE_PIPELINE, True)
+        events = self.codec.feed(data)
+        if events:
+            self.queue.extend(events)
+            self.pump()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        events = self.codec.feed(b"")
+        if events:
+            self.queue.extend(events)
+            self.pump()
+        # Nothing in flight: close now. Otherwise keep the half-closed connection open;
+        # the client may still read the response it is owed.
+        return self.exchange is not None or bool(self.queue)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+            self._deadline_handle = None
+        ex = self.exchange
+        if ex is not None:
+            ex.abort_client_gone()
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.exchange
+        if ex is not None and ex.up is not None and ex.up.transport is not None:
+            ex.up.read_paused = True
+            ex.up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.exchange
+        if ex is not None and ex.up is not None:
+            ex.up.resume_reading()
+
+    # --- request pump -------------------------------------------------------------------
+    def pump(self) -> None:
+        """Process queued events in order until the current exchange must wait."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            q = self.queue
+            while q:
+                ex = self.exchange
+                if ex is None:
+                    ev = q.popleft()
+                    if type(ev) is RequestHead:
+                        self._start(ev)
+                    elif isinstance(ev, ProtocolError):
+                        self._protocol_error(ev)
+                        q.clear()
+                        return
+                    # (bytes/END without a head cannot come from a codec; ignore)
+                elif not ex.request_complete:
+                    ev = q.popleft()
+                    if type(ev) is bytes:
+                        ex.on_request_body(ev)
+                    elif ev is END:
+                        ex.on_request_end()
+                    elif isinstance(ev, ProtocolError):
+                        ex.on_request_error(ev)
+                else:
+                    break  # wait for the response to this request
+        finally:
+            self._pumping = False
+
+    def _start(self, head: RequestHead) -> None:
+        # A reload swaps server.gateway; the next request on a kept connection uses it.
+        self.gateway = self.server.gateway
+        self.requests += 1
+        self.ahead_bytes = 0
+        self.exchange = ex = Exchange(self, head)
+        ex.begin()
+
+    def exchange_done(self, ex: Exchange, keep_alive: bool) -> None:
+        """The response was written and the request fully read (or abandoned)."""
+        self.exchange = None
+        self.set_pause(_PAUSE_PIPELINE | _PAUSE_PENDING | _PAUSE_UPSTREAM, False)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        limit = self.gateway.max_requests_per_connection
+        if not keep_alive or self.closing or (limit and self.requests >= limit):
+            transport.close()
+            return
+        if self.eof and not self.queue:  # the client half-closed and is owed nothing more
+            transport.close()
+            return
+        self.last_read = self.server.loop.time()
+        more = self.codec.next_cycle()
+        if more:
+            self.queue.extend(more)
+        if self.queue:
+            self.pump()
+
+    def _protocol_error(self, err: ProtocolError) -> None:
+        """Malformed input: answer (400/413/414/431/501) and close; nothing forwarded."""
+        gw = self.gateway
+        gw.metrics.inc("fastedge_client_errors_total", (("status", str(err.status)),))
+        rid = new_request_id()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(raw_error(err.status, err.reason, rid))
+            self.transport.close()
+        gw.log_access(
+            {
+                "request_id": rid.decode(),
+                "client": self.client_ip.decode(),
+                "status": err.status,
+                "error": err.reason,
+            }
+        )
+
+    # --- flow control and timers ------------------------------------------------------
+    def set_pause(self, bits: int, on: bool) -> None:
+        """Pause reading while any reason bit is set; resume when none is."""
+        before = self.paused
+        after = (before | bits) if on else (before & ~bits)
+        if after == before or self.transport is None:
+            self.paused = after
+            return
+        self.paused = after
+        if before == 0:
+            self.transport.pause_reading()
+        elif after == 0:
+            self.transport.resume_reading()
+
+    def _arm_deadline(self, delay: float) -> None:
+        if self._deadline_handle is None and delay > 0:
+            self._deadline_handle = self.server.loop.call_later(delay, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        """Client-side timeouts, one timer per connection, re-armed lazily.
+
+        Idle keep-alive and header read share the idle clock (no request in flight);
+        a request whose body stalls hits ``body_timeout``. While we wait for the upstream,
+        the upstream's own timeout applies, not these.
+        """
+        self._deadline_handle = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        gw = self.gateway
+        now = self.server.loop.time()
+        idle = now - self.last_read
+        ex = self.exchange
+        if ex is None:
+            limit = gw.keepalive_timeout if self.requests else gw.header_timeout
+            if self.queue:
+                limit = gw.header_timeout
+            if idle >= limit:
+                transport.close()  # idle or slowloris: close quietly (nginx does likewise)
+                return
+            self._arm_deadline(limit - idle)
+        elif not ex.request_complete and not ex.response_started and not self.paused:
+            if idle >= gw.body_timeout:
+                ex.fail(
+                    ProxyError(Kind.BAD_REQUEST, "client", detail="request body timeout"),
+                    status_override=408,
+                )
+                return
+            self._arm_deadline(gw.body_timeout - idle)
+        else:
+            self._arm_deadline(min(gw.keepalive_timeout, gw.body_timeout))
+
+    def shutdown(self) -> None:
+        """Graceful stop: close now when idle, else after the current response."""
+        self.closing = True
+        if self.exchange is None and self.transport is not None:
+            self.transport.close()
+
+
+class Exchange:
+    """One request/response pair and its per-request context."""
+
+    __slots__ = (
+        "_timer",
+        "bytes_in",
+        "bytes_out",
+        "cc",
+        "conn",
+        "error",
+        "finished",
+        "head",
+        "keep_alive",
+        "last_up_activity",
+        "pending",
+        "pending_bytes",
+        "request_complete",
+        "request_id",
+        "request_sent",
+        "response_done",
+        "response_started",
+        "retried",
+        "reused",
+        "route",
+        "start",
+        "status",
+        "target",
+        "up",
+        "up_headers",
+        "up_start",
+        "up_target",
+        "upstream",
+    )
+
+    def __init__(self, conn: ClientConnection, head: RequestHead) -> None:
+        self.conn = conn
+        self.head = head
+        self.start = time.perf_counter()
+        self.route: Route[Upstream] | None = None
+        self.upstream: Upstream | None = None
+        self.target: Target | None = None
+        self.up: UpstreamConnection | None = None
+        self.cc: ClientCodec | None = None
+        self.request_id = b""
+        self.up_target = b""
+        self.up_headers: list[tuple[bytes, bytes]] = []
+        self.pending: list[bytes] | None = None
+        self.pending_bytes = 0
+        self.request_complete = False
+        self.request_sent = False
+        self.response_started = False
+        self.response_done = False
+        self.keep_alive = True
+        self.finished = False
+        self.retried = False
+        self.reused = False
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.error: str | None = None
+        self.up_start = 0.0
+        self.last_up_activity = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # --- request side -----------------------------------------------------------------
+    def begin(self) -> None:
+        """Route the request and start forwarding it."""
+        head = self.head
+        gw = self.conn.gateway
+        target = head.target
+        qpos = target.find(b"?")
+        if qpos < 0:
+            path, query = target, b""
+        else:
+            path, query = target[:qpos], target[qpos:]
+        host: bytes | None = None
+        if not path.startswith(b"/"):
+            # absolute-form (RFC 9112 §3.2.2): route on its path and authority; fastedge
+            # only ever forwards to configured upstreams, so this is never an open proxy.
+            lower = path[:8].lower()
+            if lower.startswith(b"http://") or lower.startswith(b"https://"):
+                rest = path.split(b"://", 1)[1]
+                slash = rest.find(b"/")
+                host = rest if slash < 0 else rest[:slash]
+                path = b"/" if slash < 0 else rest[slash:]
+            elif head.method == b"OPTIONS" and path == b"*":
+                path = b"/"
+            else:
+                self.request_id = new_request_id()
+                self.fail(
+                    ProxyError(
+                        Kind.METHOD_NOT_ALLOWED if head.method == b"CONNECT" else Kind.BAD_REQUEST,
+                        "client",
+                        detail="unsupported request-target form",
+                    )
+                )
+                return
+        headers, rid, host_hdr = rewrite_request_headers(
+            head.headers,
+            client_ip=self.conn.client_ip,
+            proto=self.conn.proto,
+            via=gw.via,
+            keep_upgrade=head.upgrade is not None,
+        )
+        self.request_id = rid
+        if host is None:
+            host = host_hdr
+        route = gw.router.match(
+            path.decode("latin-1"),
+            host.decode("latin-1") if host else None,
+            head.method.decode("latin-1"),
+        )
+        if route is None:
+            self.fail(ProxyError(Kind.NO_ROUTE, "router", detail="no route for this request"))
+            return
+        self.route = route
+        upstream = route.upstream
+        self.upstream = upstream
+        self.up_target = route.forward_target(path, query)
+        if upstream.host_header is not None:
+            headers = [(n, v) for n, v in headers if n != b"host"]
+            headers.append((b"host", upstream.host_header))
+        if head.content_length is not None:
+            headers.append((b"content-length", b"%d" % head.content_length))
+        elif head.chunked:
+            headers.append((b"transfer-encoding", b"chunked"))
+        self.up_headers = headers
+        self.up_start = time.perf_counter()
+        candidates = upstream.balancer.candidates()
+        first = candidates[0]
+        conn, may_connect = first.pool.acquire_idle()
+        if conn is not None:
+            self.target = first
+            self.attach(conn, reused=True)
+            return
+        if may_connect:
+            # The slot is reserved: connect to this target in a task.
+            gw.loop.create_task(self._connect(candidates, reserved=True))
+        else:
+            gw.loop.create_task(self._connect(candidates, reserved=False))
+
+    async def _connect(self, candidates: list[Target], *, reserved: bool) -> None:
+        """Open (or wait for) a connection, failing over to the next target on connect
+        errors — nothing was sent yet, so trying elsewhere is always safe."""
+        last: ProxyError | None = None
+        for i, target in enumerate(candidates):
+            if self.finished:
+                if reserved and i == 0:
+                    target.pool.cancel_reserved()
+                return
+            try:
+                if reserved and i == 0:
+                    conn, reused = await target.pool.open_reserved(), False
+                else:
+                    conn, reused = await target.pool.acquire()
+            except ProxyError as err:
+                last = err
+                self.conn.gateway.metrics.inc(
+                    "fastedge_upstream_errors_total",
+                    (("upstream", target.upstream_name), ("kind", err.kind.name.lower())),
+                )
+                if not err.retryable:
+                    break
+                continue
+            except Exception as exc:  # never lose an unexpected error: log and answer 502
+                log.exception("unexpected error connecting to %s", target.name)
+                last = ProxyError(Kind.UPSTREAM_UNREACHABLE, "upstream", detail=str(exc))
+                continue
+            if self.finished:  # the client left while we connected
+                target.pool.release(conn, True)
+                return
+            self.target = target
+            self.attach(conn, reused=reused)
+            return
+        assert last is not None
+        self.fail(last)
+
+    def attach(self, conn: UpstreamConnection, *, reused: bool) -> None:
+        """Send the request head (and any body received so far) on ``conn``."""
+        head = self.head
+        gw = self.conn.gateway
+        self.up = conn
+        self.reused = reused
+        conn.exchange = self
+        self.cc = cc = gw.engine.client(head.method)
+        parts = [cc.request_head(head.method, self.up_target, self.up_headers)]
+        pending = self.pending
+        if pending:
+            for chunk in pending:
+                parts.append(cc.body(chunk))
+            self.pending = None
+            self.pending_bytes = 0
+            self.conn.set_pause(_PAUSE_PENDING, False)
+        if self.request_complete:
+            parts.append(cc.end())
+            self.request_sent = True
+        transport = conn.transport
+        assert transport is not None
+        transport.write(b"".join(parts))
+        if head.expect_continue and not self.request_complete and not self.response_started:
+            # We own Expect (it is not forwarded): invite the body now that it has somewhere
+            # to go (RFC 9110 §10.1.1).
+            ct = self.conn.transport
+            if ct is not None:
+                ct.write(self.conn.codec.informational(100))
+        self.last_up_activity = gw.loop.time()
+        self._timer = gw.loop.call_later(gw.response_timeout_for(self), self._check_timeout)
+
+    def on_request_body(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        up = self.up
+        if up is not None and self.cc is not None and up.transport is not None:
+            if self.response_done:
+                return  # the upstream answered already; the rest of the body is dropped
+            up.transport.write(self.cc.body(data))
+            self.last_up_activity = self.conn.gateway.loop.time()
+            return
+        if self.finished:
+            return
+        if self.pending is None:
+            self.pending = []
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes > PENDING_BODY_LIMIT:
+            self.conn.set_pause(_PAUSE_PENDING, True)
+
+    def on_request_end(self) -> None:
+        self.request_complete = True
+        up = self.up
+        if up is not None and self.cc is not None and not self.request_sent:
+            self.request_sent = True
+            tail = self.cc.end()
+            if tail and up.transport is not None and not self.response_done:
+                up.transport.write(tail)
+        if self.response_done:
+            self._finish()
+
+    def on_request_error(self, err: ProtocolError) -> None:
+        """The request body turned out malformed or too large mid-stream."""
+        self.request_complete = True
+        self.keep_alive = False
+        self._drop_upstream()
+        kind = Kind.BODY_TOO_LARGE if err.status == 413 else Kind.BAD_REQUEST
+        self.fail(ProxyError(kind, "client", detail=err.reason), status_override=err.status)
+
+    # --- response side ----------------------------------------------------------------
+    def on_upstream_data(self, data: bytes) -> None:
+        cc = self.cc
+        if cc is None or self.finished:
+            return
+        gw = self.conn.gateway
+        self.last_up_activity = gw.loop.time()
+        codec = self.conn.codec
+        out: list[bytes] = []
+        for ev in cc.feed(data):
+            if type(ev) is bytes:
+                self.bytes_out += len(ev)
+                out.append(codec.body(ev))
+            elif ev is END:
+                out.append(codec.end())
+                self._write_client(out)
+                self._response_end()
+                return
+            elif type(ev) is ResponseHead:
+                if ev.status < 200:
+                    if ev.status == 101 and self.head.upgrade is not None:
+                        self._write_client(out)
+                        self._switch_protocols(ev)
+                        return
+                    continue  # 100/103 from the upstream: ours was sent already, drop
+                self.response_started = True
+                self.status = ev.status
+                headers = rewrite_response_headers(
+                    ev.headers,
+                    via=gw.via,
+                    request_id=self.request_id,
+                    keep_length=ev.content_length is not None and not ev.chunked,
+                )
+                close = self.conn.closing or (not self.request_complete and self.head.has_body)
+                if close:
+                    self.keep_alive = False
+                out.append(codec.response_head(ev.status, ev.reason, headers, close=close))
+            elif isinstance(ev, ProtocolError):
+                self._write_client(out)
+                self._upstream_failed(
+                    ProxyError(
+                        Kind.UPSTREAM_BAD_RESPONSE, "upstream", detail="bad upstream response"
+                    ),
+                    ev.reason,
+                )
+                return
+        if out:
+            self._write_client(out)
+
+    def _write_client(self, out: list[bytes]) -> None:
+        t = self.conn.transport
+        if out and t is not None and not t.is_closing():
+            t.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def on_upstream_lost(self, exc: Exception | None) -> None:
+        """The upstream connection closed under us."""
+        if self.finished or self.response_done:
+            return
+        cc = self.cc
+        if cc is not None:
+            events = cc.feed(b"")  # ends a close-delimited body, else reports truncation
+            if events:
+                self.on_upstream_data_events_after_close(events)
+                if self.finished or self.response_done:
+                    return
+        if (
+            not self.response_started
+            and self.reused
+            and not self.retried
+            and self.head.method in _IDEMPOTENT
+            and not self.head.has_body
+        ):
+            # A pooled connection the upstream had closed before answering: the request
+            # cannot have been processed, so one retry on a fresh connection is safe.
+            self.retried = True
+            self._detach_upstream(reusable=False)
+            self.conn.gateway.metrics.inc("fastedge_upstream_retries_total")
+            assert self.target is not None
+            self.conn.gateway.loop.create_task(self._connect([self.target], reserved=False))
+            return
+        self._upstream_failed(
+            ProxyError(
+                Kind.UPSTREAM_BAD_RESPONSE,
+                "upstream",
+                detail="upstream closed the connection before the response ended",
+            ),
+            str(exc) if exc else "upstream closed",
+        )
+
+    def on_upstream_data_events_after_close(self, events: list[Any]) -> None:
+        codec = self.conn.codec
+        out: list[bytes] = []
+        for ev in events:
+            if type(ev) is bytes:
+                self.bytes_out += len(ev)
+                out.append(codec.body(ev))
+            elif ev is END:
+                out.append(codec.end())
+                self._write_client(out)
+                self.keep_alive = self.keep_alive and self.response_started
+                self._response_end(reusable=False)
+                return
+        self._write_client(out)
+
+    def _switch_protocols(self, ev: ResponseHead) -> None:
+        """Upgrade accepted (101): tunnel raw bytes both ways from now on."""
+        from fastedge.tunnel import start_tunnel
+
+        gw = self.conn.gateway
+        headers = rewrite_response_headers(
+            ev.headers, via=gw.via, request_id=self.request_id, keep_length=False, keep_upgrade=True
+        )
+        self.status = 101
+        self.response_started = True
+        client_t = self.conn.transport
+        up = self.up
+        assert self.cc is not None and up is not None and up.transport is not None
+        if client_t is None or client_t.is_closing():
+            self._drop_upstream()
+            return
+        client_t.write(self.conn.codec.informational(101, headers))
+        self._cancel_timer()
+        client_rest = self.conn.codec.upgraded()
+        up_rest = self.cc.upgraded()
+        up.exchange = None
+        self.up = None
+        self.finished = True
+        self.conn.exchange = None
+        self.conn.queue.clear()
+        start_tunnel(client_t, up.transport, client_rest, up_rest, self.conn.server)
+        self._log()
+
+    def _response_end(self, reusable: bool | None = None) -> None:
+        self.response_done = True
+        self._cancel_timer()
+        cc = self.cc
+        ok = cc.reusable if (reusable is None and cc is not None) else bool(reusable)
+        # A connection whose request was not fully sent is mid-message: never reuse it.
+        self._detach_upstream(reusable=ok and self.request_sent)
+        if self.request_complete:
+            self._finish()
+        elif self.head.has_body:
+            # Answered before the body was read (e.g. an early 413 from the upstream):
+            # we will not read the rest, so the connection must close.
+            self.keep_alive = False
+            self._finish()
+        # else: END of a bodiless request is already queued; on_request_end finishes.
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._cancel_timer()
+        self._log()
+        self.conn.exchange_done(self, self.keep_alive and self.conn.codec.keep_alive)
+
+    # --- failure ----------------------------------------------------------------------
+    def fail(self, err: ProxyError, *, status_override: int | None = None) -> None:
+        """Answer with an error if nothing was sent yet; otherwise abort the connection."""
+        if self.finished:
+            return
+        self._cancel_timer()
+        self._drop_upstream()
+        self.error = err.detail or err.kind.value
+        conn = self.conn
+        t = conn.transport
+        if self.response_started:
+            # Part of a response is out: closing is the only honest signal of truncation.
+            self.keep_alive = False
+            self.finished = True
+            self._log()
+            if t is not None:
+                t.abort()
+            return
+        status, headers, body = error_response(
+            err, self.request_id.decode(), status=status_override
+        )
+        headers.append((b"x-request-id", self.request_id))
+        self.status = status
+        self.response_started = True
+        close = conn.closing or (not self.request_complete and self.head.has_body)
+        if close:
+            self.keep_alive = False
+        codec = conn.codec
+        if t is not None and not t.is_closing():
+            t.write(
+                codec.response_head(status, b"", headers, close=close)
+                + codec.body(body)
+                + codec.end()
+            )
+        self.bytes_out = len(body)
+        self.response_done = True
+        if self.request_complete or self.head.has_body:
+            self._finish()
+
+    def _upstream_failed(self, err: ProxyError, why: str) -> None:
+        gw = self.conn.gateway
+        if self.upstream is not None:
+            gw.metrics.inc(
+                "fastedge_upstream_errors_total",
+                (("upstream", self.upstream.name), ("kind", err.kind.name.lower())),
+            )
+        log.debug("upstream failure on %s: %s", self.request_id.decode(), why)
+        self.fail(err)
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        if self.finished or self.response_done:
+            return
+        gw = self.conn.gateway
+        timeout = gw.response_timeout_for(self)
+        idle = gw.loop.time() - self.last_up_activity
+        if idle < timeout:
+            self._timer = gw.loop.call_later(timeout - idle, self._check_timeout)
+            return
+        self._upstream_failed(
+            ProxyError(Kind.UPSTREAM_TIMEOUT, "upstream", detail="upstream timed out"),
+            "timeout",
+        )
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _detach_upstream(self, *, reusable: bool) -> None:
+        up = self.up
+        if up is None:
+            return
+        self.up = None
+        up.exchange = None
+        up.resume_reading()
+        if self.target is not None:
+            self.target.pool.release(up, reusable)
+        else:
+            up.close()
+
+    def _drop_upstream(self) -> None:
+        self._detach_upstream(reusable=False)
+
+    def abort_client_gone(self) -> None:
+        """The client disconnected mid-exchange: free the upstream side."""
+        if self.finished:
+            return
+        self.finished = True
+        self._cancel_timer()
+        if not self.response_done:
+            self.status = self.status or 499  # nginx's "client closed request"
+            self.error = self.error or "client closed connection"
+            self._drop_upstream()
+        self._log()
+
+    def _log(self) -> None:
+        gw = self.conn.gateway
+        now = time.perf_counter()
+        route = self.route.name if self.route is not None else "-"
+        total = now - self.start
+        upstream_s = (now - self.up_start) if self.up_start else None
+        gw.metrics.observe_request(
+            route, self.head.method.decode("latin-1"), self.status, total, upstream_s
+        )
+        if gw.access_log_enabled:
+            gw.log_access(
+                {
+                    "request_id": self.request_id.decode(),
+                    "client": self.conn.client_ip.decode(),
+                    "method": self.head.method.decode("latin-1"),
+                    "path": self.head.target.decode("latin-1"),
+                    "route": route,
+                    "upstream": self.upstream.name if self.upstream is not None else None,
+                    "target": self.target.name if self.target is not None else None,
+                    "status": self.status,
+                    "bytes_in": self.bytes_in,
+                    "bytes_out": self.bytes_out,
+                    "duration_ms": round(total * 1000, 3),
+                    "upstream_ms": round(upstream_s * 1000, 3) if upstream_s else None,
+                    "error": self.error,
+                }
+            )

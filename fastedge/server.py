@@ -1,0 +1,276 @@
+"""The proxy server: listeners, the current gateway, reload and graceful shutdown.
+
+Lifecycle, as ordered steps (the uvicorn way):
+
+* start: build the gateway from the config → bind the listener(s) → start the admin
+  listener → ready.
+* reload (``SIGHUP``): load and validate the new config → build a new gateway → swap it in
+  (new requests use it; requests in flight finish on the old one) → after the drain
+  timeout, close the old gateway's idle upstream connections. An invalid config is
+  refused with its errors logged and the old gateway keeps serving.
+* shutdown (``SIGTERM``/``SIGINT``): stop accepting → not ready → close idle keep-alive
+  connections and mark busy ones to close after their response → wait for in-flight
+  requests up to the drain timeout → abort leftovers → close pools, admin, access log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+from typing import Any
+
+from fastedge.config import Config, ConfigError, load_config, redacted
+from fastedge.gateway import Gateway, build_gateway
+from fastedge.http.engine import Engine
+from fastedge.observe.logging import AccessLog
+from fastedge.observe.metrics import MetricFamily, Metrics
+from fastedge.proxy import ClientConnection
+
+log = logging.getLogger("fastedge.server")
+
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+class ProxyServer:
+    """One fastedge process: a listener, its connections and the current gateway."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        engine: Engine | None = None,
+        config_path: str | None = None,
+        admin_token: str | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.metrics = metrics or Metrics()
+        self.engine = engine
+        self.connections: set[Any] = set()
+        self.loop = asyncio.get_running_loop()
+        self.access_log = (
+            AccessLog(config.server.access_log) if config.server.access_log else None
+        )
+        self.gateway: Gateway = build_gateway(
+            config, metrics=self.metrics, access_log=self.access_log, engine=engine
+        )
+        self._server: asyncio.Server | None = None
+        self._sock = sock
+        self._admin: Any = None
+        self._admin_token = admin_token
+        self._ready = False
+        self._stopped = asyncio.Event()
+        self._retired: list[Gateway] = []
+        self.metrics.add_collector(self._pool_gauges)
+
+    # --- start --------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bind the proxy listener and the admin listener; then the server is ready."""
+        srv = self.config.server
+        ssl_ctx = _server_ssl_context(self.config) if srv.tls else None
+        proto = b"https" if ssl_ctx else b"http"
+
+        def factory() -> ClientConnection:
+            return ClientConnection(self, proto)
+
+        if self._sock is not None:
+            self._server = await self.loop.create_server(
+                factory, sock=self._sock, ssl=ssl_ctx, backlog=srv.backlog
+            )
+        else:
+            host, port = srv.listen
+            self._server = await self.loop.create_server(
+                factory,
+                host,
+                port,
+                ssl=ssl_ctx,
+                backlog=srv.backlog,
+                reuse_address=True,
+            )
+        admin = self.config.admin
+        if admin.listen is not None:
+            from fastedge.admin.api import AdminServer
+
+            token = self._admin_token or os.environ.get(admin.token_env) or None
+            host, port = admin.listen
+            if token is None and not host.startswith(_LOOPBACK):
+                log.warning(
+                    "admin listener on %s:%d has no token (set %s): anyone who can reach "
+                    "it can read the config and metrics",
+                    host,
+                    port,
+                    admin.token_env,
+                )
+            self._admin = AdminServer(
+                host,
+                port,
+                metrics=self.metrics,
+                ready=lambda: self._ready,
+                config_view=lambda: redacted(self.config),
+                token=token,
+            )
+            await self._admin.start()
+        self._ready = True
+
+    @property
+    def port(self) -> int:
+        """The proxy listener's bound port (useful with port 0)."""
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def admin_port(self) -> int | None:
+        """The admin listener's bound port, or ``None`` when disabled."""
+        return None if self._admin is None else int(self._admin.port)
+
+    # --- reload -------------------------------------------------------------------------
+    def reload(self, config: Config | None = None) -> bool:
+        """Swap in a new config (or re-read ``config_path``). Returns whether it applied.
+
+        Listener, admin and access-log settings need a restart; the rest (routes,
+        upstreams, limits, timeouts, engine) applies to the next request.
+        """
+        try:
+            if config is None:
+                if self.config_path is None:
+                    log.warning("reload requested but the config did not come from a file")
+                    return False
+                config = load_config(self.config_path)
+            new = build_gateway(
+                config, metrics=self.metrics, access_log=self.access_log, engine=self.engine
+            )
+        except ConfigError as err:
+            log.error("reload refused, the running config stays:\n%s", err)
+            self.metrics.inc("fastedge_config_reloads_total", (("result", "failure"),))
+            return False
+        except Exception:
+            log.exception("reload failed, the running config stays")
+            self.metrics.inc("fastedge_config_reloads_total", (("result", "failure"),))
+            return False
+        if config.server.listen != self.config.server.listen:
+            log.warning("server.listen changed: takes effect on restart")
+        old = self.gateway
+        self.gateway = new
+        self.config = config
+        self._retired.append(old)
+        # In-flight requests keep using the old gateway's pools; close them after the drain.
+        self.loop.call_later(config.server.drain_timeout, self._retire, old)
+        self.metrics.inc("fastedge_config_reloads_total", (("result", "success"),))
+        log.info("config reloaded (%d routes)", len(config.routes))
+        return True
+
+    def _retire(self, gw: Gateway) -> None:
+        if gw in self._retired:
+            self._retired.remove(gw)
+            gw.close()
+
+    # --- shutdown -----------------------------------------------------------------------
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Graceful stop (see the module docstring for the order)."""
+        if drain_timeout is None:
+            drain_timeout = self.config.server.drain_timeout
+        self._ready = False
+        # 1. stop accepting
+        if self._server is not None:
+            self._server.close()
+        # 2. idle connections close now; busy ones after their current response
+        for conn in list(self.connections):
+            conn.shutdown()
+        # 3. drain in-flight requests
+        deadline = self.loop.time() + drain_timeout
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        # 4. abort what is left
+        for conn in list(self.connections):
+            transport = getattr(conn, "transport", None)
+            if transport is not None:
+                transport.abort()
+        self.connections.clear()
+        if self._server is not None:
+            await self._server.wait_closed()
+        # 5. upstream pools, admin, access log
+        for gw in [self.gateway, *self._retired]:
+            gw.close()
+        self._retired.clear()
+        if self._admin is not None:
+            await self._admin.close()
+        if self.access_log is not None:
+            self.access_log.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`shutdown` completed."""
+        await self._stopped.wait()
+
+    def install_signal_handlers(self) -> None:
+        """``SIGHUP`` reloads; ``SIGTERM``/``SIGINT`` shut down gracefully."""
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(
+                sig, lambda: self.loop.create_task(self.shutdown()) and None
+            )
+
+    # --- metrics ------------------------------------------------------------------------
+    def _pool_gauges(self) -> list[MetricFamily]:
+        samples: list[tuple[str, dict[str, str], float]] = []
+        for up in self.gateway.upstreams.values():
+            for target in up.targets:
+                for state, value in target.pool.stats().items():
+                    samples.append(
+                        (
+                            "fastedge_upstream_connections",
+                            {"upstream": up.name, "target": target.name, "state": state},
+                            value,
+                        )
+                    )
+        samples.append(("fastedge_client_connections", {}, len(self.connections)))
+        return [
+            MetricFamily(
+                "fastedge_upstream_connections",
+                "gauge",
+                "Upstream connections per target: idle, active (checked out or connecting), "
+                "waiting (requests queued for a connection).",
+                samples[:-1],
+            ),
+            MetricFamily(
+                "fastedge_client_connections",
+                "gauge",
+                "Open client connections.",
+                samples[-1:],
+            ),
+        ]
+
+
+def _server_ssl_context(config: Config) -> ssl.SSLContext:
+    tls = config.server.tls
+    assert tls is not None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tls.cert, tls.key)
+    ctx.set_alpn_protocols(["http/1.1"])  # HTTP/2 is not spoken here; say so in ALPN
+    return ctx
+
+
+async def serve(config: Config, *, config_path: str | None = None) -> int:
+    """Run a server until SIGTERM/SIGINT; the ``fastedge run`` main loop."""
+    server = ProxyServer(config, config_path=config_path)
+    await server.start()
+    server.install_signal_handlers()
+    host, _ = config.server.listen
+    log.info("fastedge listening on %s:%d (engine %s)", host, server.port, server.gateway.engine.name)
+    await server.wait_stopped()
+    return 0
+
+
+def run(coro: Any) -> Any:
+    """Run ``coro`` on uvloop (asyncio's loop if uvloop is unavailable)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run(coro)
+    return uvloop.run(coro)

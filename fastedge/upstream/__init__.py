@@ -1,0 +1,1 @@
+"""Upstream side of the proxy: connection pools and target selection."""

@@ -1,0 +1,302 @@
+"""Upstream connection pool, one per target (scheme, host, port).
+
+Bookkeeping is kept apart from I/O (the httpcore way): :class:`PoolState` is plain
+synchronous code that decides — reuse this idle connection, open a new one, or wait — and
+returns what to do; :class:`ConnectionPool` does the asyncio part (connecting, waking
+waiters, timers). ``PoolState`` is tested without sockets.
+
+Rules:
+
+* keep-alive reuse, most recently used first (warm connections, and idle ones at the cold
+  end of the stack time out and close);
+* at most ``max_connections`` per target (active + connecting + idle); beyond that a
+  request waits in FIFO order for up to ``wait_timeout``, then fails with 503;
+* a connection goes back to the pool only when its previous response was read to the end
+  and the upstream allows keep-alive (the caller says so in :meth:`release`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+from fastedge.errors import Kind, ProxyError
+
+
+class PooledConnection(Protocol):
+    """What the pool needs from a connection."""
+
+    idle_since: float
+
+    def is_usable(self) -> bool:
+        """Open, and no stray bytes or EOF arrived while idle."""
+
+    def close(self) -> None:
+        """Close the transport."""
+
+
+C = TypeVar("C", bound=PooledConnection)
+
+
+class PoolState(Generic[C]):
+    """The pool's bookkeeping: idle stack, counts and the wait queue, no I/O."""
+
+    __slots__ = ("busy", "idle", "idle_timeout", "max_connections", "waiters")
+
+    def __init__(self, max_connections: int, idle_timeout: float) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.idle: deque[C] = deque()
+        self.busy = 0  # checked out or connecting
+        self.waiters: deque[asyncio.Future[C | None]] = deque()
+
+    @property
+    def total(self) -> int:
+        """Connections counted against ``max_connections``."""
+        return self.busy + len(self.idle)
+
+    def checkout(self) -> tuple[C | None, bool, list[C]]:
+        """Decide how to serve one request.
+
+        Returns ``(conn, may_connect, to_close)``: a reusable idle connection, or
+        ``may_connect`` True when a new connection may be opened (the slot is reserved),
+        or neither (the caller must wait). ``to_close`` are dead idle connections found on
+        the way, to be closed by the caller.
+        """
+        to_close: list[C] = []
+        idle = self.idle
+        while idle:
+            conn = idle.pop()  # most recently used first
+            if conn.is_usable():
+                self.busy += 1
+                return conn, False, to_close
+            to_close.append(conn)
+        if self.busy < self.max_connections:
+            self.busy += 1
+            return None, True, to_close
+        return None, False, to_close
+
+    def checkin(self, conn: C | None, reusable: bool, now: float) -> tuple[C | None, bool]:
+        """A checked-out slot comes back (``conn`` None: a connect attempt failed).
+
+        Returns ``(handoff, freed)``: a waiter to give ``conn`` to directly is handled by
+        the caller; here we only say whether ``conn`` should be kept (``handoff`` is the
+        connection to keep or give) and whether a slot was freed (so a waiter may connect).
+        """
+        self.busy -= 1
+        if conn is not None and reusable and conn.is_usable():
+            conn.idle_since = now
+            return conn, False
+        return None, True
+
+    def expire(self, now: float) -> list[C]:
+        """Remove and return idle connections past ``idle_timeout`` (oldest are leftmost)."""
+        out: list[C] = []
+        idle = self.idle
+        while idle and (now - idle[0].idle_since >= self.idle_timeout or not idle[0].is_usable()):
+            out.append(idle.popleft())
+        return out
+
+    def discard_idle(self, conn: C) -> bool:
+        """An idle connection died (upstream closed it); forget it."""
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            return False
+        return True
+
+
+class ConnectionPool(Generic[C]):
+    """Asyncio side of a target's pool: connects, hands out and takes back connections."""
+
+    __slots__ = (
+        "_closed",
+        "_connect",
+        "_expire_handle",
+        "_loop",
+        "connect_timeout",
+        "name",
+        "state",
+        "wait_timeout",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        connect: Callable[[], Any],
+        *,
+        max_connections: int,
+        idle_timeout: float,
+        wait_timeout: float,
+        connect_timeout: float,
+    ) -> None:
+        """``connect`` is a coroutine function opening one connection (a ``C``)."""
+        self.name = name
+        self._connect = connect
+        self.state: PoolState[C] = PoolState(max_connections, idle_timeout)
+        self.wait_timeout = wait_timeout
+        self.connect_timeout = connect_timeout
+        self._loop = asyncio.get_running_loop()
+        self._expire_handle: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def acquire_idle(self) -> tuple[C | None, bool]:
+        """Synchronous fast path: ``(conn, may_connect)``; see :meth:`PoolState.checkout`."""
+        conn, may_connect, to_close = self.state.checkout()
+        for dead in to_close:
+            dead.close()
+        return conn, may_connect
+
+    async def acquire(self) -> tuple[C, bool]:
+        """A connection for one request: ``(conn, reused)``.
+
+        Raises :class:`ProxyError` (502 connect failure/timeout, 503 pool wait timeout).
+        """
+        if self._closed:
+            raise ProxyError(Kind.UNAVAILABLE, "pool", detail="upstream pool closed")
+        conn, may_connect = self.acquire_idle()
+        if conn is not None:
+            return conn, True
+        if not may_connect:
+            waiter: asyncio.Future[C | None] = self._loop.create_future()
+            self.state.waiters.append(waiter)
+            try:
+                got = await asyncio.wait_for(waiter, self.wait_timeout)
+            except TimeoutError:
+                raise ProxyError(
+                    Kind.UNAVAILABLE,
+                    "pool",
+                    retryable=True,
+                    detail=f"no upstream connection available for {self.name}",
+                ) from None
+            except BaseException:
+                # Cancelled after a connection or slot was handed to us: give it back,
+                # or the pool would count it as busy forever.
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    handed = waiter.result()
+                    if handed is None:
+                        self._slot_freed()
+                    else:
+                        self.release(handed, True)
+                raise
+            finally:
+                with contextlib.suppress(ValueError):  # still queued: timed out or cancelled
+                    self.state.waiters.remove(waiter)
+            if got is not None:
+                return got, True
+            # Woken with a free slot (got None): connect ourselves; the slot is reserved.
+        return await self._open(), False
+
+    async def open_reserved(self) -> C:
+        """Connect using the slot that :meth:`acquire_idle` reserved (``may_connect``)."""
+        return await self._open()
+
+    def cancel_reserved(self) -> None:
+        """Give back a slot reserved by :meth:`acquire_idle` without connecting."""
+        self._slot_freed()
+
+    async def _open(self) -> C:
+        try:
+            conn: C = await asyncio.wait_for(self._connect(), self.connect_timeout)
+        except TimeoutError:
+            self._slot_freed()
+            raise ProxyError(
+                Kind.UPSTREAM_UNREACHABLE,
+                "upstream",
+                retryable=True,
+                detail=f"connect to {self.name} timed out",
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            self._slot_freed()
+            raise ProxyError(
+                Kind.UPSTREAM_UNREACHABLE,
+                "upstream",
+                retryable=True,
+                detail=f"connect to {self.name} failed: {exc.strerror or exc}"
+                if isinstance(exc, OSError)
+                else f"TLS handshake with {self.name} failed: {exc}",
+            ) from None
+        except BaseException:
+            self._slot_freed()
+            raise
+        return conn
+
+    def release(self, conn: C, reusable: bool) -> None:
+        """Give a connection back; kept only if ``reusable`` (response fully read,
+        keep-alive) and still open."""
+        keep, freed = self.state.checkin(conn, reusable and not self._closed, time.monotonic())
+        if keep is None:
+            conn.close()
+            if freed:
+                self._wake_one_for_slot()
+            return
+        # Hand straight to the oldest waiter, else park it idle.
+        waiters = self.state.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                self.state.busy += 1
+                waiter.set_result(keep)
+                return
+        self.state.idle.append(keep)
+        self._schedule_expiry()
+
+    def _slot_freed(self) -> None:
+        self.state.busy -= 1
+        self._wake_one_for_slot()
+
+    def _wake_one_for_slot(self) -> None:
+        waiters = self.state.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                self.state.busy += 1  # reserve the slot for the woken waiter
+                waiter.set_result(None)
+                return
+
+    def discard(self, conn: C) -> None:
+        """An idle connection was closed by the upstream."""
+        self.state.discard_idle(conn)
+
+    def _schedule_expiry(self) -> None:
+        if self._expire_handle is None:
+            self._expire_handle = self._loop.call_later(
+                max(self.state.idle_timeout / 4, 0.05), self._expire
+            )
+
+    def _expire(self) -> None:
+        self._expire_handle = None
+        for conn in self.state.expire(time.monotonic()):
+            conn.close()
+        if self.state.idle:
+            self._schedule_expiry()
+
+    def stats(self) -> dict[str, int]:
+        """Gauges for metrics: idle, active (checked out or connecting), waiting."""
+        return {
+            "idle": len(self.state.idle),
+            "active": self.state.busy,
+            "waiting": len(self.state.waiters),
+        }
+
+    def close(self) -> None:
+        """Close idle connections; busy ones close when released."""
+        self._closed = True
+        if self._expire_handle is not None:
+            self._expire_handle.cancel()
+            self._expire_handle = None
+        while self.state.idle:
+            self.state.idle.pop().close()
+        while self.state.waiters:
+            waiter = self.state.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(
+                    ProxyError(Kind.UNAVAILABLE, "pool", detail="upstream pool closed")
+                )

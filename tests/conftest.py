@@ -1,0 +1,195 @@
+"""Shared fixtures: a real origin process, a proxy per engine, and a strict HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h11
+import pytest
+
+from fastedge.config import Config, parse_config
+from fastedge.server import ProxyServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_origin() -> tuple[subprocess.Popen[str], int]:
+    """Start ``tests/origin.py`` as its own process; return it and its port."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.origin", "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("PORT "):
+        proc.kill()
+        raise RuntimeError(f"origin did not start: {line!r}")
+    return proc, int(line.split()[1])
+
+
+def stop_origin(proc: subprocess.Popen[str]) -> None:
+    """Kill an origin process and release its pipe."""
+    proc.kill()
+    proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def origin_port() -> Iterator[int]:
+    """Port of a long-lived origin process (shared by tests that don't break it)."""
+    proc, port = start_origin()
+    try:
+        yield port
+    finally:
+        stop_origin(proc)
+
+
+@pytest.fixture(params=["h11", "fast"])
+def engine_name(request: pytest.FixtureRequest) -> str:
+    """Every protocol test runs on both engines."""
+    return str(request.param)
+
+
+def gateway_config(origin: int, engine: str, **server: Any) -> Config:
+    """A config routing ``/`` and a few prefixes to the origin at ``origin``."""
+    doc: dict[str, Any] = {
+        "server": {"listen": "127.0.0.1:0", "http": engine, "access_log": False, **server},
+        "admin": {"enabled": False},
+        "upstreams": {
+            "origin": {"targets": [f"http://127.0.0.1:{origin}"]},
+        },
+        "routes": [
+            {"prefix": "/", "upstream": "origin"},
+            {"prefix": "/api/users", "upstream": "origin", "strip_prefix": True},
+            {"prefix": "/v1", "upstream": "origin", "rewrite": "/echo"},
+        ],
+    }
+    return parse_config(doc)
+
+
+@pytest.fixture
+async def proxy(origin_port: int, engine_name: str) -> AsyncIterator[ProxyServer]:
+    """A started proxy in this test's event loop, in front of the shared origin."""
+    server = ProxyServer(gateway_config(origin_port, engine_name))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.shutdown(drain_timeout=1)
+
+
+@dataclass
+class Response:
+    """A response as a strict client (h11) parsed it."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    informational: list[int] = field(default_factory=list)
+
+    def header(self, name: str) -> bytes | None:
+        key = name.lower().encode()
+        for n, v in self.headers:
+            if n == key:
+                return v
+        return None
+
+    def header_all(self, name: str) -> list[bytes]:
+        key = name.lower().encode()
+        return [v for n, v in self.headers if n == key]
+
+
+class Client:
+    """A raw-socket HTTP/1.1 client parsing responses with h11 (a strict reference).
+
+    Writes exactly the bytes given, so tests control framing, pipelining and malformed
+    input; reads responses one by one off the same connection.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def open(cls, port: int) -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def read_response(self, *, method: bytes = b"GET", timeout: float = 10) -> Response:
+        """Parse one response (any 1xx are collected first)."""
+        # h11 must know a request was sent to parse its response; fake the client side.
+        if self.conn.our_state is h11.IDLE:
+            self.conn.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
+            self.conn.send(h11.EndOfMessage())
+        resp: Response | None = None
+        infos: list[int] = []
+        chunks: list[bytes] = []
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await asyncio.wait_for(self.reader.read(65536), timeout)
+                self.conn.receive_data(data)
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                infos.append(event.status_code)
+            elif isinstance(event, h11.Response):
+                resp = Response(event.status_code, list(event.headers), informational=infos)
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                assert resp is not None
+                resp.body = b"".join(chunks)
+                if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                    self.conn.start_next_cycle()
+                return resp
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionError("connection closed before a complete response")
+
+    async def read_raw_until_close(self, timeout: float = 10) -> bytes:
+        out = b""
+        while True:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            if not data:
+                return out
+            out += data
+
+    async def is_closed(self, timeout: float = 5) -> bool:
+        """True when the server closed the connection (EOF or reset) within ``timeout``."""
+        try:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        except ConnectionResetError:
+            return True
+        return data == b""
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+def get(path: str, host: str = "example.test", extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process in KiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
