@@ -1,0 +1,250 @@
+"""The admin listener: health, readiness, metrics, configuration, and room for more.
+
+Built-in endpoints:
+
+====================  =====  ==================================================
+``GET /healthz``      open   200 ``{"status": "ok"}`` while the process serves
+``GET /readyz``       open   200 ``{"status": "ready"}`` or 503 from ``ready()``
+``GET /metrics``      token  Prometheus text format 0.0.4
+``GET /config``       token  JSON of ``config_view()`` (the caller redacts secrets)
+====================  =====  ==================================================
+
+Health and readiness are open because orchestrator probes (Kubernetes ``httpGet`` probes,
+load-balancer health checks) cannot easily send a bearer token and reveal nothing but one
+bit. Everything else requires ``Authorization: Bearer <token>`` when a token is set, since
+metrics and configuration describe the deployment and later endpoints change it.
+
+Later features add endpoints through ``extra_routes``: ``{("PUT", "/traffic/{name}"):
+handler}``. A path segment written ``{name}`` matches any one segment and is passed in
+:attr:`AdminRequest.params`. Every error uses the house shape
+``{"error": "...", "status": N, "request_id": "..."}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+from urllib.parse import unquote
+
+import orjson
+
+from fastedge.minihttp import HttpServer, Limits, Request, Response, start_server
+from fastedge.observe.metrics import CONTENT_TYPE, Metrics
+
+__all__ = ["AdminError", "AdminRequest", "AdminResponse", "AdminServer", "Handler"]
+
+AdminResponse: TypeAlias = Response
+"""What an admin handler returns; build it with ``AdminResponse.json(...)``,
+``AdminResponse.text(...)`` or ``AdminResponse.error(...)``."""
+
+
+class AdminError(Exception):
+    """Raise from a handler to answer ``status`` with the house error body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class AdminRequest:
+    """A request routed to an admin handler.
+
+    ``params`` holds the ``{placeholder}`` segments of the matched route, percent-decoded.
+    """
+
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    request_id: str
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive), or ``None``."""
+        wanted = name.lower()
+        for key, value in self.headers:
+            if key == wanted:
+                return value
+        return None
+
+    def json(self) -> Any:
+        """The body as JSON; raises :class:`AdminError` (400) if it is not valid JSON."""
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            raise AdminError(400, "request body is not valid JSON") from None
+
+
+Handler: TypeAlias = Callable[[AdminRequest], Awaitable[AdminResponse]]
+"""An admin endpoint."""
+
+# Paths answered without a token (see the module docstring for why).
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+# Admin answers describe live state: never let a proxy or browser cache them.
+_NO_STORE = ("cache-control", "no-store")
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    method: str
+    segments: tuple[str, ...]
+    handler: Handler
+
+    def match(self, segments: list[str]) -> dict[str, str] | None:
+        if len(segments) != len(self.segments):
+            return None
+        params: dict[str, str] = {}
+        for pattern, actual in zip(self.segments, segments, strict=True):
+            if pattern.startswith("{") and pattern.endswith("}"):
+                if not actual:
+                    return None
+                params[pattern[1:-1]] = unquote(actual)
+            elif pattern != actual:
+                return None
+        return params
+
+
+def _split(path: str) -> list[str]:
+    return path.strip("/").split("/") if path != "/" else []
+
+
+class AdminServer:
+    """The admin HTTP listener.
+
+    ``ready`` and ``config_view`` are called per request, so they must be cheap and
+    non-blocking. ``token=None`` disables authentication (only sensible on loopback).
+    ``extra_routes`` maps ``(method, path pattern)`` to a handler; it may not replace a
+    built-in endpoint. ``HEAD`` is answered for every ``GET`` route.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        metrics: Metrics,
+        ready: Callable[[], bool],
+        config_view: Callable[[], dict[str, Any]],
+        token: str | None,
+        extra_routes: Mapping[tuple[str, str], Handler] | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.host = host
+        self._requested_port = port
+        self._metrics = metrics
+        self._ready = ready
+        self._config_view = config_view
+        self._token = token.encode() if token else None
+        # 16 KiB head / 1 MiB body: see Limits for where the numbers come from.
+        self._limits = limits or Limits()
+        self._server: HttpServer | None = None
+        builtin: dict[tuple[str, str], Handler] = {
+            ("GET", "/healthz"): self._healthz,
+            ("GET", "/readyz"): self._readyz,
+            ("GET", "/metrics"): self._metrics_text,
+            ("GET", "/config"): self._config,
+        }
+        for key in extra_routes or {}:
+            if key in builtin:
+                raise ValueError(f"extra route {key} would replace a built-in endpoint")
+        self._routes = [
+            _Route(method.upper(), tuple(_split(path)), handler)
+            for (method, path), handler in {**builtin, **(extra_routes or {})}.items()
+        ]
+
+    @property
+    def port(self) -> int:
+        """The bound port (after :meth:`start`; useful with port 0)."""
+        if self._server is None:
+            raise RuntimeError("AdminServer.start() has not been awaited")
+        return self._server.port
+
+    async def start(self) -> None:
+        """Bind and start serving."""
+        self._server = await start_server(
+            self._handle, self.host, self._requested_port, limits=self._limits
+        )
+
+    async def close(self) -> None:
+        """Stop accepting, finish in-flight requests, close connections."""
+        if self._server is not None:
+            await self._server.close()
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    async def _handle(self, request: Request) -> Response:
+        rid = request.request_id
+        # Authenticate before routing, so an anonymous client cannot map which admin
+        # endpoints exist (404 vs 405 vs 401).
+        if not self._authorized(request):
+            return Response.error(
+                401,
+                "missing or invalid admin token",
+                rid,
+                [("www-authenticate", 'Bearer realm="fastedge-admin"'), _NO_STORE],
+            )
+        segments = _split(request.path)
+        method = "GET" if request.method == "HEAD" else request.method
+        allowed: set[str] = set()
+        for route in self._routes:
+            params = route.match(segments)
+            if params is None:
+                continue
+            if route.method != method:
+                allowed.add(route.method)
+                continue
+            admin_request = AdminRequest(
+                request.method,
+                request.path,
+                request.query,
+                request.headers,
+                request.body,
+                rid,
+                params,
+            )
+            try:
+                response = await route.handler(admin_request)
+            except AdminError as exc:
+                return Response.error(exc.status, exc.message, rid, [_NO_STORE])
+            if not any(name.lower() == "cache-control" for name, _ in response.headers):
+                response.headers.append(_NO_STORE)
+            return response
+        if allowed:
+            if "GET" in allowed:
+                allowed.add("HEAD")
+            return Response.error(
+                405, "method not allowed", rid, [("allow", ", ".join(sorted(allowed))), _NO_STORE]
+            )
+        return Response.error(404, "not found", rid, [_NO_STORE])
+
+    def _authorized(self, request: Request) -> bool:
+        if self._token is None or request.path in _OPEN_PATHS:
+            return True
+        value = request.header("authorization") or ""
+        scheme, _, credentials = value.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        # Constant-time comparison: the token must not leak through response timing.
+        return hmac.compare_digest(credentials.strip().encode(), self._token)
+
+    # -- built-in endpoints ---------------------------------------------------------------------
+
+    async def _healthz(self, request: AdminRequest) -> Response:
+        return Response.json({"status": "ok"})
+
+    async def _readyz(self, request: AdminRequest) -> Response:
+        if self._ready():
+            return Response.json({"status": "ready"})
+        return Response.error(503, "not ready", request.request_id)
+
+    async def _metrics_text(self, request: AdminRequest) -> Response:
+        return Response(200, [("content-type", CONTENT_TYPE)], self._metrics.render())
+
+    async def _config(self, request: AdminRequest) -> Response:
+        return Response.json(self._config_view())
