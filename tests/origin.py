@@ -24,6 +24,7 @@ import asyncio
 import hashlib
 import json
 import sys
+from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
 import httptools
@@ -50,8 +51,8 @@ class OriginProtocol(asyncio.Protocol):
         self.served = 0  # requests answered on this connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses; they implement it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self.upgraded:

@@ -493,3 +493,9 @@ async def test_upstream_process_killed_then_restarted(engine_name: str) -> None:
         assert (await roundtrip(server.port, get("/during"))).status == 502
     finally:
         await server.shutdown(drain_timeout=1)
+
+
+async def test_suite_runs_on_uvloop() -> None:
+    # The event loop fastedge runs on in production; asyncio's own loop differs in
+    # transport types and timing (a uvloop-only bug was found this way).
+    assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
