@@ -38,7 +38,7 @@ bench: build
 
 # Side-by-side load run against nginx and HAProxy (installs them from Debian if missing).
 bench-load: build
-	$(PY) -m bench.load.run
+	$(PY) -m bench.load.run --results bench/RESULTS.md
 
 clean:
 	rm -rf build fastedge/_core/*.c fastedge/_core/*.so fastedge/_core/*.html

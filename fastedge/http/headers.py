@@ -50,7 +50,15 @@ def new_request_id() -> bytes:
     return b"%s%010x" % (_ID_PREFIX, next(_id_counter))
 
 
+_PLAIN_CONNECTION = frozenset(
+    {b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade", b"Upgrade"}
+)
+
+
 def _connection_tokens(value: bytes) -> list[bytes]:
+    """Field names nominated by a ``Connection`` value (RFC 9110 §7.6.1)."""
+    if value in _PLAIN_CONNECTION:  # the common case: no names to remove beyond the fixed set
+        return []
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 
