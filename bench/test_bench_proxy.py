@@ -88,7 +88,7 @@ def hot_path(request: pytest.FixtureRequest) -> Any:
         client.connection_made(FakeTransport())  # type: ignore[arg-type]
         return server, client, upstream
 
-    server, client, upstream = loop.run_until_complete(build())
+    _server, client, upstream = loop.run_until_complete(build())
     yield client, upstream
     loop.close()
     asyncio.set_event_loop(None)

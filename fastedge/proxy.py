@@ -534,18 +534,16 @@ class Exchange:
             headers.append((b"transfer-encoding", b"chunked"))
         self.up_headers = headers
         self.up_start = time.perf_counter()
-        candidates = upstream.balancer.candidates()
-        first = candidates[0]
+        # The common case (an idle pooled connection to the balancer's pick) stays
+        # synchronous; only connecting or waiting needs a task.
+        balancer = upstream.balancer
+        first = balancer.pick()
         conn, may_connect = first.pool.acquire_idle()
         if conn is not None:
             self.target = first
             self.attach(conn, reused=True)
             return
-        if may_connect:
-            # The slot is reserved: connect to this target in a task.
-            gw.loop.create_task(self._connect(candidates, reserved=True))
-        else:
-            gw.loop.create_task(self._connect(candidates, reserved=False))
+        gw.loop.create_task(self._connect(balancer.failover_order(first), reserved=may_connect))
 
     async def _connect(self, candidates: list[Target], *, reserved: bool) -> None:
         """Open (or wait for) a connection, failing over to the next target on connect

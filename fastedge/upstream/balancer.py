@@ -51,7 +51,10 @@ class SmoothRoundRobin(Generic[T]):
 
     def candidates(self) -> list[T]:
         """The next target first, then the others in list order (failover order)."""
-        first = self.pick()
+        return self.failover_order(self.pick())
+
+    def failover_order(self, first: T) -> list[T]:
+        """``first``, then the other targets in list order (for retries elsewhere)."""
         if self._single:
             return [first]
         return [first, *(t for t in self._targets if t is not first)]
