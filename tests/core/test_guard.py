@@ -1,0 +1,40 @@
+"""A normal install must run the compiled core; a silent fallback to Python is a bug."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import fastedge.core
+
+COMPONENTS = ("router", "lru", "ratelimit", "hashring")
+
+
+def test_normal_install_uses_the_compiled_core() -> None:
+    if os.environ.get("FASTEDGE_NO_EXTENSIONS", "") not in ("", "0"):
+        # Asked for Python explicitly: then the Python twins must be what runs.
+        assert not fastedge.core.USING_EXTENSIONS
+        return
+    assert fastedge.core.USING_EXTENSIONS, "compiled core missing: run `make build`"
+    for name in ("PrefixRouter", "LRUCache", "TokenBucket", "SlidingWindow", "HashRing"):
+        module = getattr(fastedge.core, name).__module__
+        assert not module.endswith("_py"), f"{name} comes from {module}"
+
+
+def test_no_extensions_selects_the_python_twins() -> None:
+    code = (
+        "import fastedge.core as c; "
+        "print(c.USING_EXTENSIONS, sorted({getattr(c, n).__module__ for n in "
+        "('PrefixRouter','LRUCache','TokenBucket','SlidingWindow','HashRing')}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "FASTEDGE_NO_EXTENSIONS": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.startswith("False")
+    for component in COMPONENTS:
+        assert f"fastedge._core.{component}_py" in out
