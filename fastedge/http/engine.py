@@ -107,7 +107,7 @@ class Limits:
     """Server-side input limits; each default says where its number came from."""
 
     max_head_bytes: int = 16 * 1024
-    """Request line + fields. nginx: 8 KiB buffers (4 × 8 KiB large); Node: 16 KiB
+    """Request line + fields. nginx: 8 KiB buffers (4 x 8 KiB large); Node: 16 KiB
     (``--max-http-header-size``). We take Node's 16 KiB: larger than nginx's common case,
     small enough to bound memory per connection. Over it: 431."""
     max_uri_bytes: int = 8 * 1024
