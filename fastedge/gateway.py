@@ -29,6 +29,7 @@ class Target:
     """One upstream server and its connection pool."""
 
     __slots__ = (
+        "authority",
         "host",
         "name",
         "pool",
@@ -47,6 +48,9 @@ class Target:
         self.host = cfg.host
         self.port = cfg.port
         self.weight = cfg.weight
+        default_port = 443 if cfg.scheme == "https" else 80
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        self.authority = (host if cfg.port == default_port else f"{host}:{cfg.port}").encode()
         self.ssl = ssl_ctx
         self.server_hostname = (upstream.tls_server_name or cfg.host) if ssl_ctx else None
         pool = upstream.pool

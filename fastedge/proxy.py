@@ -99,7 +99,7 @@ def raw_error(status: int, message: str, request_id: bytes) -> bytes:
     )
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
     """One connection to an upstream target; carries one exchange at a time."""
 
     __slots__ = ("_dead", "exchange", "idle_since", "read_paused", "target", "transport")
@@ -120,7 +120,11 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         ex = self.exchange
         if ex is not None:
-            ex.on_upstream_data(data)
+            try:
+                ex.on_upstream_data(data)
+            except Exception:
+                log.exception("internal error while relaying a response")
+                ex.conn.internal_error()
         else:
             # Bytes while idle: the upstream broke framing; never reuse this connection.
             self._dead = True
@@ -170,7 +174,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:
     """One client connection: parses requests, runs exchanges in order, writes responses."""
 
     __slots__ = (
@@ -298,8 +302,28 @@ class ClientConnection(asyncio.Protocol):
                         ex.on_request_error(ev)
                 else:
                     break  # wait for the response to this request
+        except Exception:
+            # A bug must cost one request, not the connection's silence: log it, answer
+            # 500 if nothing was sent, and close.
+            log.exception("internal error while handling a request")
+            self.internal_error()
         finally:
             self._pumping = False
+
+    def internal_error(self) -> None:
+        """Answer 500 to the current exchange (or close) after an unexpected exception."""
+        self.queue.clear()
+        ex = self.exchange
+        t = self.transport
+        if ex is not None and not ex.finished:
+            ex.keep_alive = False
+            try:
+                ex.fail(ProxyError(Kind.INTERNAL, "proxy", detail="internal error"))
+                return
+            except Exception:
+                log.exception("internal error while answering an internal error")
+        if t is not None:
+            t.abort()
 
     def _start(self, head: RequestHead) -> None:
         # A reload swaps server.gateway; the next request on a kept connection uses it.
@@ -420,6 +444,7 @@ class Exchange:
         "head",
         "keep_alive",
         "last_up_activity",
+        "needs_host",
         "pending",
         "pending_bytes",
         "request_complete",
@@ -459,6 +484,7 @@ class Exchange:
         self.response_started = False
         self.response_done = False
         self.keep_alive = True
+        self.needs_host = False
         self.finished = False
         self.retried = False
         self.reused = False
@@ -528,6 +554,10 @@ class Exchange:
         if upstream.host_header is not None:
             headers = [(n, v) for n, v in headers if n != b"host"]
             headers.append((b"host", upstream.host_header))
+        elif not host_hdr:
+            # An HTTP/1.0 client may omit Host; HTTP/1.1 to the upstream requires one
+            # (RFC 9112 §3.2). Use the target's authority, as nginx's $proxy_host does.
+            self.needs_host = True
         if head.content_length is not None:
             headers.append((b"content-length", b"%d" % head.content_length))
         elif head.chunked:
@@ -576,7 +606,11 @@ class Exchange:
                 target.pool.release(conn, True)
                 return
             self.target = target
-            self.attach(conn, reused=reused)
+            try:
+                self.attach(conn, reused=reused)
+            except Exception:
+                log.exception("internal error while sending a request upstream")
+                self.conn.internal_error()
             return
         assert last is not None
         self.fail(last)
@@ -589,6 +623,9 @@ class Exchange:
         self.reused = reused
         conn.exchange = self
         self.cc = cc = gw.engine.client(head.method)
+        if self.needs_host and self.target is not None:
+            self.needs_host = False
+            self.up_headers.append((b"host", self.target.authority))
         parts = [cc.request_head(head.method, self.up_target, self.up_headers)]
         pending = self.pending
         if pending:
