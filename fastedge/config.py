@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import ipaddress
 import math
 import os
@@ -203,6 +204,8 @@ class RouteConfig:
     strip_prefix: bool = False
     rewrite: str | None = None  # replaces the matched prefix
     name: str = ""  # defaults to the prefix when loaded from TOML
+    policies: Mapping[str, Any] = field(default_factory=dict)
+    # Route keys owned by feature modules (auth, rate_limit, ...): key -> converted value.
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +217,9 @@ class Config:
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
     source: str | None = None
+    sections: Mapping[str, Any] = field(default_factory=dict)
+    # Top-level sections owned by feature modules ([redis], [auth.NAME], ...): name ->
+    # converted value. See EXTENSION_SECTIONS.
 
 
 # --------------------------------------------------------------------------- value parsers
@@ -452,6 +458,13 @@ class _Context:
     errors: list[str]
     base_dir: str  # relative file paths are resolved against the config file's directory
     upstream_names: frozenset[str]  # known before routes are read, whatever the order
+    names: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # Sub-table names of every top-level table ("auth" -> {"default", ...}), so a route
+    # key can check a reference to a section defined later in the file.
+
+    def defined(self, section: str) -> frozenset[str]:
+        """Names defined under ``[section.NAME]`` in this document."""
+        return self.names.get(section, frozenset())
 
     def error(self, path: str, message: str) -> _Invalid:
         self.errors.append(f"{path}: {message}")
@@ -982,7 +995,7 @@ _ROUTE_SCHEMA: Final[_Schema] = {
 
 
 def _route(ctx: _Context, path: str, value: object) -> Any:
-    table = _read_table(ctx, path, value, _ROUTE_SCHEMA)
+    table = _read_table(ctx, path, value, _route_schema())
     if table is None:
         return _INVALID
     if table.values.get("strip_prefix") and "rewrite" in table.values:
@@ -993,7 +1006,8 @@ def _route(ctx: _Context, path: str, value: object) -> Any:
         )
     if "prefix" in table.values:
         table.values.setdefault("name", table.values["prefix"])
-    return _build(table, RouteConfig)
+    policies = _split_extensions(table.values, "policy:")
+    return _build(table, RouteConfig, policies=policies)
 
 
 def _routes(ctx: _Context, path: str, value: object) -> Any:
@@ -1031,6 +1045,53 @@ _TOP_LEVEL: Final[_Schema] = {
     "routes": _Key(_routes),
 }
 
+# Sections and route keys owned by feature modules, as "module:function" converters with
+# the Converter signature. They are imported when a document is parsed (not when this
+# module is), so feature modules can build on this module's toolkit without an import
+# cycle. Converted values land in Config.sections / RouteConfig.policies.
+EXTENSION_SECTIONS: Final[dict[str, str]] = {}
+EXTENSION_ROUTE_KEYS: Final[dict[str, str]] = {}
+
+
+def _load_converter(spec: str) -> Converter:
+    module, _, name = spec.partition(":")
+    converter: Converter = getattr(importlib.import_module(module), name)
+    return converter
+
+
+def _extension_section(section: str) -> Converter:
+    def convert(ctx: _Context, path: str, value: object) -> Any:
+        return _load_converter(EXTENSION_SECTIONS[section])(ctx, path, value)
+
+    return convert
+
+
+def _top_level_schema() -> _Schema:
+    schema = dict(_TOP_LEVEL)
+    for section in EXTENSION_SECTIONS:
+        schema[section] = _Key(_extension_section(section), attr=f"section:{section}")
+    return schema
+
+
+def _route_schema() -> _Schema:
+    schema = dict(_ROUTE_SCHEMA)
+    for key, spec in EXTENSION_ROUTE_KEYS.items():
+        schema[key] = _Key(_wrap_route_key(spec), attr=f"policy:{key}")
+    return schema
+
+
+def _wrap_route_key(spec: str) -> Converter:
+    def convert(ctx: _Context, path: str, value: object) -> Any:
+        return _load_converter(spec)(ctx, path, value)
+
+    return convert
+
+
+def _split_extensions(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Move ``prefix:name`` entries out of a converted table into their own mapping."""
+    out = {k.partition(":")[2]: values.pop(k) for k in list(values) if k.startswith(prefix)}
+    return out
+
 
 def parse_config(data: Mapping[str, Any], *, source: str | None = None) -> Config:
     """Validate a parsed TOML document and build the :class:`Config`.
@@ -1046,13 +1107,19 @@ def parse_config(data: Mapping[str, Any], *, source: str | None = None) -> Confi
         if isinstance(name, str) and _NAME_RE.fullmatch(name)
     )
     base_dir = os.path.dirname(os.path.abspath(source)) if source is not None else ""
-    ctx = _Context(errors=[], base_dir=base_dir, upstream_names=names)
-    table = _read_table(ctx, "", data, _TOP_LEVEL)
+    sections = {
+        key: frozenset(k for k in value if isinstance(k, str))
+        for key, value in (data.items() if isinstance(data, Mapping) else ())
+        if isinstance(key, str) and isinstance(value, Mapping)
+    }
+    ctx = _Context(errors=[], base_dir=base_dir, upstream_names=names, names=sections)
+    table = _read_table(ctx, "", data, _top_level_schema())
     if table is not None:
         _check_cross_section(ctx, table.values)
     if ctx.errors or table is None:
         raise ConfigError(ctx.errors, source=source)
-    config: Config = _build(table, Config, source=source)
+    extensions = _split_extensions(table.values, "section:")
+    config: Config = _build(table, Config, source=source, sections=extensions)
     return config
 
 

@@ -14,7 +14,7 @@ import orjson
 
 # Kinds are named, not numbered: several kinds share a status (two 502s), and enum members
 # with equal values would silently merge.
-class Kind(str, enum.Enum):
+class Kind(enum.StrEnum):
     """Error kinds (distinct names); :data:`STATUS` maps each to its HTTP status."""
 
     BAD_REQUEST = "bad request"

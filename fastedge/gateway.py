@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastedge.config import Config, TargetConfig, UpstreamConfig
+from fastedge.filters import Runtime, build_route_filters
 from fastedge.http.engine import Engine, Limits, get_engine
 from fastedge.observe.logging import AccessLog
 from fastedge.observe.metrics import Metrics
@@ -154,9 +155,12 @@ def build_gateway(
     metrics: Metrics,
     access_log: AccessLog | None,
     engine: Engine | None = None,
+    runtime: Runtime | None = None,
 ) -> Gateway:
     """Resolve a validated :class:`Config` into a ready :class:`Gateway` (needs a loop)."""
     loop = asyncio.get_running_loop()
+    if runtime is None:
+        runtime = Runtime(metrics=metrics, redis_url=redis_url(config))
     srv = config.server
     upstreams = {name: Upstream(cfg) for name, cfg in config.upstreams.items()}
     routes = [
@@ -168,6 +172,7 @@ def build_gateway(
             rewrite=r.rewrite,
             host=r.host,
             methods=r.methods,
+            filters=build_route_filters(r, config, runtime),
         )
         for r in config.routes
     ]
@@ -191,3 +196,10 @@ def build_gateway(
         body_timeout=srv.body_timeout,
         max_requests_per_connection=srv.max_requests_per_connection,
     )
+
+
+def redis_url(config: Config) -> str | None:
+    """The ``[redis]`` URL when the section is configured."""
+    section = config.sections.get("redis")
+    url = getattr(section, "url", None)
+    return url if isinstance(url, str) else None

@@ -28,9 +28,11 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, cast
 
 from fastedge.errors import Kind, ProxyError, error_response
+from fastedge.filters import FilterContext
 from fastedge.http.engine import (
     END,
     ClientCodec,
@@ -440,6 +442,7 @@ class Exchange:
         "cc",
         "conn",
         "error",
+        "fctx",
         "finished",
         "head",
         "keep_alive",
@@ -492,6 +495,7 @@ class Exchange:
         self.bytes_in = 0
         self.bytes_out = 0
         self.error: str | None = None
+        self.fctx: FilterContext | None = None
         self.up_start = 0.0
         self.last_up_activity = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -563,6 +567,46 @@ class Exchange:
         elif head.chunked:
             headers.append((b"transfer-encoding", b"chunked"))
         self.up_headers = headers
+        chain = route.filters
+        if chain is not None:
+            self.fctx = ctx = FilterContext(
+                method=head.method,
+                path=path,
+                query=query,
+                host=host or b"",
+                client_ip=self.conn.client_ip,
+                headers=head.headers,
+                upstream_headers=headers,
+                route=route.name,
+                request_id=rid,
+            )
+            decision = chain.run_request(ctx)
+            if decision is not None:
+                if isinstance(decision, ProxyError):
+                    self.fail(decision)
+                else:  # a filter must wait (Redis, JWKS): finish in a task
+                    gw.loop.create_task(self._await_filters(decision))
+                return
+        self.forward()
+
+    async def _await_filters(self, pending: Awaitable[ProxyError | None]) -> None:
+        try:
+            decision = await pending
+        except Exception:
+            log.exception("a request filter failed")
+            decision = ProxyError(Kind.INTERNAL, "filter", detail="internal error")
+        if self.finished:
+            return
+        if decision is not None:
+            self.fail(decision)
+        else:
+            self.forward()
+
+    def forward(self) -> None:
+        """Take an upstream connection and send the request."""
+        gw = self.conn.gateway
+        upstream = self.upstream
+        assert upstream is not None
         self.up_start = time.perf_counter()
         # The common case (an idle pooled connection to the balancer's pick) stays
         # synchronous; only connecting or waiting needs a task.
@@ -719,6 +763,9 @@ class Exchange:
                     request_id=self.request_id,
                     keep_length=ev.content_length is not None and not ev.chunked,
                 )
+                fctx = self.fctx
+                if fctx is not None and self.route is not None and self.route.filters:
+                    self.route.filters.run_response(fctx, ev.status, headers)
                 close = self.conn.closing or (not self.request_complete and self.head.has_body)
                 if close:
                     self.keep_alive = False

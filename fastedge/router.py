@@ -9,9 +9,12 @@ request-target (``strip_prefix``/``rewrite``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from fastedge.core import PrefixRouter
+
+if TYPE_CHECKING:
+    from fastedge.filters import FilterChain
 
 U = TypeVar("U")
 
@@ -27,6 +30,7 @@ class Route(Generic[U]):
     rewrite: str | None = None
     host: str | None = None
     methods: frozenset[str] | None = None
+    filters: FilterChain | None = None  # policy filters (auth, rate limits); None = none
     prefix_len: int = field(init=False)
     rewrite_bytes: bytes | None = field(init=False)
 

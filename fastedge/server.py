@@ -24,7 +24,8 @@ import ssl
 from typing import Any
 
 from fastedge.config import Config, ConfigError, load_config, redacted
-from fastedge.gateway import Gateway, build_gateway
+from fastedge.filters import Runtime
+from fastedge.gateway import Gateway, build_gateway, redis_url
 from fastedge.http.engine import Engine
 from fastedge.observe.logging import AccessLog
 from fastedge.observe.metrics import MetricFamily, Metrics
@@ -57,8 +58,13 @@ class ProxyServer:
         self.access_log = (
             AccessLog(config.server.access_log) if config.server.access_log else None
         )
+        self.runtime = Runtime(metrics=self.metrics, redis_url=redis_url(config))
         self.gateway: Gateway = build_gateway(
-            config, metrics=self.metrics, access_log=self.access_log, engine=engine
+            config,
+            metrics=self.metrics,
+            access_log=self.access_log,
+            engine=engine,
+            runtime=self.runtime,
         )
         self._server: asyncio.Server | None = None
         self._sock = sock
@@ -142,8 +148,14 @@ class ProxyServer:
                     log.warning("reload requested but the config did not come from a file")
                     return False
                 config = load_config(self.config_path)
+            if redis_url(config) != self.runtime.redis_url:
+                log.warning("[redis] changed: takes effect on restart")
             new = build_gateway(
-                config, metrics=self.metrics, access_log=self.access_log, engine=self.engine
+                config,
+                metrics=self.metrics,
+                access_log=self.access_log,
+                engine=self.engine,
+                runtime=self.runtime,
             )
         except ConfigError as err:
             log.error("reload refused, the running config stays:\n%s", err)
@@ -202,6 +214,7 @@ class ProxyServer:
             await self._admin.close()
         if self.access_log is not None:
             self.access_log.close()
+        await self.runtime.close()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -262,7 +275,8 @@ async def serve(config: Config, *, config_path: str | None = None) -> int:
     await server.start()
     server.install_signal_handlers()
     host, _ = config.server.listen
-    log.info("fastedge listening on %s:%d (engine %s)", host, server.port, server.gateway.engine.name)
+    engine = server.gateway.engine.name
+    log.info("fastedge listening on %s:%d (engine %s)", host, server.port, engine)
     await server.wait_stopped()
     return 0
 
