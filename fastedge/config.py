@@ -1049,8 +1049,15 @@ _TOP_LEVEL: Final[_Schema] = {
 # the Converter signature. They are imported when a document is parsed (not when this
 # module is), so feature modules can build on this module's toolkit without an import
 # cycle. Converted values land in Config.sections / RouteConfig.policies.
-EXTENSION_SECTIONS: Final[dict[str, str]] = {}
-EXTENSION_ROUTE_KEYS: Final[dict[str, str]] = {}
+EXTENSION_SECTIONS: Final[dict[str, str]] = {
+    "redis": "fastedge.redis_config:convert_redis_section",
+    "auth": "fastedge.filters.auth:convert_auth_section",
+    "rate_limits": "fastedge.filters.ratelimit:convert_rate_limits_section",
+}
+EXTENSION_ROUTE_KEYS: Final[dict[str, str]] = {
+    "auth": "fastedge.filters.auth:convert_route_auth",
+    "rate_limit": "fastedge.filters.ratelimit:convert_route_rate_limit",
+}
 
 
 def _load_converter(spec: str) -> Converter:

@@ -616,9 +616,7 @@ def test_zero_routes_is_valid() -> None:
         ),
         ({"host": "exa mple.com"}, "routes[0].host: invalid host name 'exa mple.com'"),
         ({"name": ""}, "routes[0].name: must not be empty"),
-        ({"auth": "default"}, "routes[0].auth: unknown key"),
         ({"cache": "edge"}, "routes[0].cache: unknown key"),
-        ({"rate_limit": "per_user"}, "routes[0].rate_limit: unknown key"),
         ({"upsteam": "users"}, "routes[0].upsteam: unknown key (did you mean 'upstream'?)"),
     ],
 )
@@ -773,7 +771,7 @@ def test_ephemeral_ports_may_coincide() -> None:
 
 
 @pytest.mark.parametrize(
-    "section", ["redis", "auth", "rate_limits", "caches", "traffic", "flags", "tracing"]
+    "section", ["caches", "traffic", "flags", "tracing"]
 )
 def test_future_sections_are_unknown_for_now(section: str) -> None:
     assert only_error({section: {}}).startswith(f"{section}: unknown key")
@@ -819,8 +817,8 @@ upstream = "userz"
 strip_prefix = true
 rewrite = "/v2"
 
-[redis]
-url = "redis://127.0.0.1"
+[tracing]
+sample = 1.0
 """
     with pytest.raises(ConfigError) as info:
         parse_config(tomllib.loads(document), source="fastedge.toml")
@@ -837,7 +835,7 @@ url = "redis://127.0.0.1"
         "routes[2].upstream: unknown upstream 'userz' (did you mean 'users'?)",
         "routes[2].rewrite: cannot be combined with strip_prefix = true "
         "(strip_prefix is rewrite = '/')",
-        "redis: unknown key",
+        "tracing: unknown key",
     ]
     assert info.value.errors == expected
     assert str(info.value) == "\n".join(expected)

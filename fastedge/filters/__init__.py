@@ -40,7 +40,10 @@ Decision: TypeAlias = ProxyError | None
 FILTER_ORDER: tuple[str, ...] = ("auth", "rate_limit")
 
 # Route key -> "module:function" with the signature of FilterBuilder.
-FILTER_BUILDERS: dict[str, str] = {}
+FILTER_BUILDERS: dict[str, str] = {
+    "auth": "fastedge.filters.auth:build_auth_filter",
+    "rate_limit": "fastedge.filters.ratelimit:build_rate_limit_filter",
+}
 
 
 class FilterContext:
