@@ -41,4 +41,5 @@ bench-load: build
 	$(PY) -m bench.load.run --results bench/RESULTS.md
 
 clean:
-	rm -rf build fastedge/_core/*.c fastedge/_core/*.so fastedge/_core/*.html
+	rm -rf build fastedge/_core/*.c fastedge/_core/*.so fastedge/_core/*.html \
+		fastedge/*.c fastedge/*.so fastedge/http/*.c fastedge/http/*.so

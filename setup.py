@@ -19,6 +19,10 @@ from setuptools import Extension, setup
 
 HERE = Path(__file__).parent
 CORE = HERE / "fastedge" / "_core"
+# Data-path modules compiled from their Python source (Cython's pure-Python mode, with the
+# .pxd beside each declaring the hot classes as C structs). The .py file stays the
+# readable source and is what runs in a FASTEDGE_NO_EXTENSIONS build.
+DATA_PATH = ["fastedge/proxy.py", "fastedge/http/fast_engine.py", "fastedge/http/headers.py"]
 NO_EXTENSIONS = os.environ.get("FASTEDGE_NO_EXTENSIONS", "") not in ("", "0")
 TRACE = os.environ.get("FASTEDGE_CYTHON_TRACE", "") not in ("", "0")
 
@@ -50,9 +54,24 @@ def _extensions() -> list[Extension]:
         )
         for pyx in sorted(CORE.glob("*.pyx"))
     ]
-    names = ", ".join(e.name.rsplit(".", 1)[1] for e in exts)
+    # The data path is ordinary Python (negative indexes, unchecked lengths), so it keeps
+    # Python's indexing semantics; only the hand-written core turns those checks off.
+    data_path = [
+        Extension(
+            path[:-3].replace("/", "."),
+            [path],
+            define_macros=macros,
+            extra_compile_args=["-O3"],
+        )
+        for path in DATA_PATH
+    ]
+    names = ", ".join(e.name.rsplit(".", 1)[1] for e in exts + data_path)
     print(f"fastedge: building the compiled core ({names})", file=sys.stderr)
-    return cythonize(exts, compiler_directives=directives, quiet=True)
+    safe = {**directives, "boundscheck": True, "wraparound": True, "cdivision": False}
+    return [
+        *cythonize(exts, compiler_directives=directives, quiet=True),
+        *cythonize(data_path, compiler_directives=safe, quiet=True),
+    ]
 
 
 setup(ext_modules=_extensions())

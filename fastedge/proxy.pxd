@@ -1,0 +1,65 @@
+# Cython declarations for fastedge/proxy.py, compiled in pure-Python mode (setup.py).
+# The .py file stays the readable source and runs unchanged when not compiled
+# (FASTEDGE_NO_EXTENSIONS=1); these declarations make the hot classes C structs, so
+# attribute access and calls between them skip dictionary lookups.
+
+cdef class UpstreamConnection:
+    cdef public object target
+    cdef public object transport
+    cdef public Exchange exchange
+    cdef public double idle_since
+    cdef public bint read_paused
+    cdef public bint _dead
+
+
+cdef class ClientConnection:
+    cdef public object server
+    cdef public bytes proto
+    cdef public object gateway
+    cdef public object transport
+    cdef public object codec
+    cdef public Exchange exchange
+    cdef public object queue
+    cdef public bytes client_ip
+    cdef public int paused
+    cdef public bint write_paused
+    cdef public bint closing
+    cdef public bint eof
+    cdef public long requests
+    cdef public long ahead_bytes
+    cdef public double last_read
+    cdef public bint _pumping
+    cdef public object _deadline_handle
+
+
+cdef class Exchange:
+    cdef public ClientConnection conn
+    cdef public object head
+    cdef public double start
+    cdef public object route
+    cdef public object upstream
+    cdef public object target
+    cdef public UpstreamConnection up
+    cdef public object cc
+    cdef public bytes request_id
+    cdef public bytes up_target
+    cdef public list up_headers
+    cdef public list pending
+    cdef public long pending_bytes
+    cdef public bint request_complete
+    cdef public bint request_sent
+    cdef public bint response_started
+    cdef public bint response_done
+    cdef public bint keep_alive
+    cdef public bint needs_host
+    cdef public bint finished
+    cdef public bint retried
+    cdef public bint reused
+    cdef public int status
+    cdef public long long bytes_in
+    cdef public long long bytes_out
+    cdef public object error
+    cdef public object fctx
+    cdef public double up_start
+    cdef public double last_up_activity
+    cdef public object _timer
