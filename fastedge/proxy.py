@@ -286,6 +286,10 @@ class ClientConnection:
             while q:
                 ex = self.exchange
                 if ex is None:
+                    t = self.transport
+                    if t is None or t.is_closing():
+                        q.clear()  # closed after the last answer: serve nothing more
+                        return
                     ev = q.popleft()
                     if type(ev) is RequestHead:
                         self._start(ev)
@@ -525,6 +529,7 @@ class Exchange:
                 path = b"/"
             else:
                 self.request_id = new_request_id()
+                self.keep_alive = False  # malformed: answer 400 and close (DESIGN §6)
                 self.fail(
                     ProxyError(
                         Kind.METHOD_NOT_ALLOWED if head.method == b"CONNECT" else Kind.BAD_REQUEST,
@@ -862,6 +867,9 @@ class Exchange:
         self.finished = True
         self.conn.exchange = None
         self.conn.queue.clear()
+        # The HTTP connection object is done; the tunnel's client end takes its place in
+        # the registry (gauge, graceful shutdown).
+        self.conn.server.connections.discard(self.conn)
         start_tunnel(client_t, up.transport, client_rest, up_rest, self.conn.server)
         self._log()
 
@@ -913,7 +921,11 @@ class Exchange:
         headers.append((b"x-request-id", self.request_id))
         self.status = status
         self.response_started = True
-        close = conn.closing or (not self.request_complete and self.head.has_body)
+        close = (
+            not self.keep_alive
+            or conn.closing
+            or (not self.request_complete and self.head.has_body)
+        )
         if close:
             self.keep_alive = False
         codec = conn.codec

@@ -14,12 +14,13 @@ from typing import Any
 class _TunnelEnd(asyncio.Protocol):
     """One side of a tunnel: relays what it reads to ``peer``."""
 
-    __slots__ = ("peer", "registry", "transport")
+    __slots__ = ("eof", "peer", "registry", "transport")
 
     def __init__(self, transport: asyncio.Transport, registry: set[Any] | None) -> None:
         self.transport = transport
         self.peer: _TunnelEnd | None = None
         self.registry = registry
+        self.eof = False  # this side has sent us EOF
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
@@ -27,12 +28,18 @@ class _TunnelEnd(asyncio.Protocol):
             peer.transport.write(data)
 
     def eof_received(self) -> bool:
+        self.eof = True
         peer = self.peer
-        if peer is not None and not peer.transport.is_closing():
-            if peer.transport.can_write_eof():
-                peer.transport.write_eof()  # half-close travels through the tunnel
-                return True
+        if peer is None or peer.transport.is_closing():
+            return False
+        if peer.eof:
+            # Both directions are finished: nothing more can flow, close both sockets.
             peer.transport.close()
+            return False
+        if peer.transport.can_write_eof():
+            peer.transport.write_eof()  # the half-close travels through the tunnel
+            return True
+        peer.transport.close()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -731,6 +731,12 @@ class FastClientCodec:
             head, buffer = buffer[: end + 4], buffer[end + 4 :]
             try:
                 self._parser.feed_data(head)
+            except HttpParserUpgrade:
+                # A 101 to a HEAD upgrade request: what follows the head is tunnel data.
+                self._stopped = True
+                self._tunnel = buffer
+                self._head_buffer = _EMPTY
+                return
             except HttpParserError as exc:
                 self._stopped = True
                 self._events.append(_client_error(exc))

@@ -118,6 +118,9 @@ def rewrite_request_headers(
         out.append((name, value))
     if nominated:
         drop = set(nominated)
+        # Host is the request's target authority, not a hop-by-hop field: a client
+        # nominating it must not leave the upstream request without one (RFC 9112 §3.2).
+        drop.discard(b"host")
         out = [(n, v) for n, v in out if n not in drop]
     if host_override is not None:
         out.append((b"host", host_override))
