@@ -7,6 +7,7 @@ cdef class UpstreamConnection:
     cdef public object target
     cdef public object transport
     cdef public Exchange exchange
+    cdef public object codec
     cdef public double idle_since
     cdef public bint read_paused
     cdef public bint _dead
@@ -30,6 +31,8 @@ cdef class ClientConnection:
     cdef public double last_read
     cdef public bint _pumping
     cdef public object _deadline_handle
+    cdef public double _deadline_at
+    cdef public double head_started
 
 
 cdef class Exchange:

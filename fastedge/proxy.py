@@ -104,12 +104,13 @@ def raw_error(status: int, message: str, request_id: bytes) -> bytes:
 class UpstreamConnection:
     """One connection to an upstream target; carries one exchange at a time."""
 
-    __slots__ = ("_dead", "exchange", "idle_since", "read_paused", "target", "transport")
+    __slots__ = ("_dead", "codec", "exchange", "idle_since", "read_paused", "target", "transport")
 
     def __init__(self, target: Target) -> None:
         self.target = target
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
+        self.codec: ClientCodec | None = None  # the last exchange's codec, for recycling
         self.idle_since = 0.0
         self.read_paused = False
         self._dead = False
@@ -180,7 +181,9 @@ class ClientConnection:
     """One client connection: parses requests, runs exchanges in order, writes responses."""
 
     __slots__ = (
+        "_deadline_at",
         "_deadline_handle",
+        "head_started",
         "_pumping",
         "ahead_bytes",
         "client_ip",
@@ -217,6 +220,11 @@ class ClientConnection:
         self.last_read = 0.0
         self._pumping = False
         self._deadline_handle: asyncio.TimerHandle | None = None
+        self._deadline_at = 0.0
+        # When the first byte of a not-yet-parsed request head arrived (0: none pending).
+        # The header timeout counts from here, not from the last byte, so a head trickled
+        # one byte at a time (slowloris) still times out.
+        self.head_started = 0.0
 
     # --- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -227,11 +235,15 @@ class ClientConnection:
             self.client_ip = str(peer[0]).encode()
         self.server.connections.add(self)
         self.last_read = self.server.loop.time()
-        self._arm_deadline(self.gateway.header_timeout)
+        self.rearm()
 
     def data_received(self, data: bytes) -> None:
-        self.last_read = self.server.loop.time()
+        self.last_read = now = self.server.loop.time()
         ex = self.exchange
+        if (ex is None or ex.request_complete) and not self.head_started:
+            self.head_started = now  # bytes of a new request head: its clock starts
+            if ex is None:
+                self.rearm()
         if ex is not None and ex.request_complete:
             # Pipelined bytes for a later request: bound what we accept ahead.
             self.ahead_bytes += len(data)
@@ -336,7 +348,10 @@ class ClientConnection:
         self.gateway = self.server.gateway
         self.requests += 1
         self.ahead_bytes = 0
+        self.head_started = 0.0
         self.exchange = ex = Exchange(self, head)
+        if head.has_body:
+            self.rearm()  # the body idle timeout applies from now
         ex.begin()
 
     def exchange_done(self, ex: Exchange, keep_alive: bool) -> None:
@@ -359,6 +374,15 @@ class ClientConnection:
             self.queue.extend(more)
         if self.queue:
             self.pump()
+        if self.exchange is None:
+            self.rearm()  # idle again: keep-alive (or a pending head's) timeout
+
+    def must_close(self) -> bool:
+        """Whether the response being started must be the connection's last: shutting
+        down, or the per-connection request limit is reached (said in the response, so
+        the client reconnects cleanly instead of finding the connection gone)."""
+        limit = self.gateway.max_requests_per_connection
+        return self.closing or bool(limit and self.requests >= limit)
 
     def _protocol_error(self, err: ProtocolError) -> None:
         """Malformed input: answer (400/413/414/431/501) and close; nothing forwarded."""
@@ -390,44 +414,68 @@ class ClientConnection:
             self.transport.pause_reading()
         elif after == 0:
             self.transport.resume_reading()
+            self.rearm()  # reading again: the body idle timeout applies again
 
-    def _arm_deadline(self, delay: float) -> None:
-        if self._deadline_handle is None and delay > 0:
-            self._deadline_handle = self.server.loop.call_later(delay, self._check_deadline)
+    def _due(self) -> float:
+        """The client-side deadline for the connection's current state (0: none).
+
+        * a request head has started arriving: ``header_timeout`` from its first byte;
+        * idle between requests: ``keepalive_timeout`` from the last response (before the
+          first request, ``header_timeout`` from the connect);
+        * reading a request body: ``body_timeout`` from the last byte read (an idle
+          timeout, as nginx's client_body_timeout), unless reading is paused by us;
+        * otherwise (waiting for the upstream, writing the response): none; the
+          upstream's own timeout applies.
+        """
+        gw = self.gateway
+        ex = self.exchange
+        if ex is None:
+            if self.head_started:
+                return self.head_started + gw.header_timeout
+            if self.requests:
+                return self.last_read + gw.keepalive_timeout
+            return self.last_read + gw.header_timeout
+        if not ex.request_complete and not ex.response_started and not self.paused:
+            return self.last_read + gw.body_timeout
+        return 0.0
+
+    def rearm(self) -> None:
+        """Make sure the timer fires no later than the current state's deadline.
+
+        Called on state changes; cheap when the armed timer is already early enough
+        (a later deadline is handled by re-checking when the timer fires).
+        """
+        due = self._due()
+        if not due:
+            return
+        handle = self._deadline_handle
+        if handle is not None:
+            if self._deadline_at <= due + 0.001:
+                return
+            handle.cancel()
+        self._deadline_at = due
+        self._deadline_handle = self.server.loop.call_at(due, self._check_deadline)
 
     def _check_deadline(self) -> None:
-        """Client-side timeouts, one timer per connection, re-armed lazily.
-
-        Idle keep-alive and header read share the idle clock (no request in flight);
-        a request whose body stalls hits ``body_timeout``. While we wait for the upstream,
-        the upstream's own timeout applies, not these.
-        """
+        """Act on an expired client-side deadline, or re-arm for the current one."""
         self._deadline_handle = None
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        gw = self.gateway
-        now = self.server.loop.time()
-        idle = now - self.last_read
+        due = self._due()
+        if not due:
+            return  # no client-side deadline now; the next state change re-arms
+        if self.server.loop.time() < due:
+            self.rearm()
+            return
         ex = self.exchange
         if ex is None:
-            limit = gw.keepalive_timeout if self.requests else gw.header_timeout
-            if self.queue:
-                limit = gw.header_timeout
-            if idle >= limit:
-                transport.close()  # idle or slowloris: close quietly (nginx does likewise)
-                return
-            self._arm_deadline(limit - idle)
-        elif not ex.request_complete and not ex.response_started and not self.paused:
-            if idle >= gw.body_timeout:
-                ex.fail(
-                    ProxyError(Kind.BAD_REQUEST, "client", detail="request body timeout"),
-                    status_override=408,
-                )
-                return
-            self._arm_deadline(gw.body_timeout - idle)
-        else:
-            self._arm_deadline(min(gw.keepalive_timeout, gw.body_timeout))
+            transport.close()  # idle, or a head that never completed: close quietly
+            return
+        ex.fail(
+            ProxyError(Kind.BAD_REQUEST, "client", detail="request body timeout"),
+            status_override=408,
+        )
 
     def shutdown(self) -> None:
         """Graceful stop: close now when idle, else after the current response."""
@@ -671,7 +719,8 @@ class Exchange:
         self.up = conn
         self.reused = reused
         conn.exchange = self
-        self.cc = cc = gw.engine.client(head.method)
+        # Recycle the connection's last codec (and its parser) when the engine can.
+        self.cc = cc = conn.codec = gw.engine.client(head.method, conn.codec)
         if self.needs_host and self.target is not None:
             self.needs_host = False
             self.up_headers.append((b"host", self.target.authority))
@@ -771,7 +820,9 @@ class Exchange:
                 fctx = self.fctx
                 if fctx is not None and self.route is not None and self.route.filters:
                     self.route.filters.run_response(fctx, ev.status, headers)
-                close = self.conn.closing or (not self.request_complete and self.head.has_body)
+                close = self.conn.must_close() or (
+                    not self.request_complete and self.head.has_body
+                )
                 if close:
                     self.keep_alive = False
                 out.append(codec.response_head(ev.status, ev.reason, headers, close=close))
@@ -923,7 +974,7 @@ class Exchange:
         self.response_started = True
         close = (
             not self.keep_alive
-            or conn.closing
+            or conn.must_close()
             or (not self.request_complete and self.head.has_body)
         )
         if close:

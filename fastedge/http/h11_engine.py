@@ -419,6 +419,13 @@ class H11ServerCodec:
         end = found + 4 if found >= 0 else -1
         if not self._line_checked:
             line_end = raw.find(b"\r\n")
+            # A bad byte in the request line outranks its length, so the verdict does not
+            # depend on how the bytes were split across reads (a NUL seen alone is a 400).
+            # (a CR at the very end may be followed by its LF in the next piece)
+            line_stop = line_end if line_end >= 0 else len(raw) - (raw[-1:] == b"\r")
+            bad = _BAD_HEAD.search(raw, max(0, self._scanned - 2), line_stop)
+            if bad is not None:
+                return ProtocolError(400, f"malformed request: {bytes(bad[0])!r} in the head"), -1
             if line_end >= 0:
                 self._line_checked = True
                 if _target_too_long(raw[:line_end], limits):
@@ -688,8 +695,8 @@ class H11Engine:
         """A codec for a new client connection."""
         return H11ServerCodec(limits)
 
-    def client(self, method: bytes) -> H11ClientCodec:
-        """A codec for one upstream exchange."""
+    def client(self, method: bytes, previous: object = None) -> H11ClientCodec:
+        """A codec for one upstream exchange (h11 connections are not recycled)."""
         return H11ClientCodec(method)
 
 

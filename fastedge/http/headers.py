@@ -50,16 +50,18 @@ def new_request_id() -> bytes:
     return b"%s%010x" % (_ID_PREFIX, next(_id_counter))
 
 
-_PLAIN_CONNECTION = frozenset(
-    {b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade", b"Upgrade"}
-)
+# Connection values that nominate only fields removed anyway (HOP_BY_HOP): the common
+# case, which then costs no extra pass over the fields.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"upgrade", b"Upgrade"})
 
 
 def _connection_tokens(value: bytes) -> list[bytes]:
-    """Field names nominated by a ``Connection`` value (RFC 9110 §7.6.1)."""
-    if value in _PLAIN_CONNECTION:  # the common case: no names to remove beyond the fixed set
+    """Field names nominated by a ``Connection`` value (RFC 9110 §7.6.1) that are not
+    already removed as hop-by-hop."""
+    if value in _PLAIN_CONNECTION:
         return []
-    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+    tokens = (t.strip().lower() for t in value.split(b","))
+    return [t for t in tokens if t and t not in HOP_BY_HOP]
 
 
 def _valid_request_id(value: bytes) -> bool:
@@ -122,6 +124,13 @@ def rewrite_request_headers(
         # nominating it must not leave the upstream request without one (RFC 9112 §3.2).
         drop.discard(b"host")
         out = [(n, v) for n, v in out if n not in drop]
+        # Fields this hop merges or replaces are dropped too, not merged (§7.6.1).
+        if b"x-forwarded-for" in drop:
+            xff = None
+        if b"via" in drop:
+            via_in = None
+        if b"x-request-id" in drop:
+            request_id = b""
     if host_override is not None:
         out.append((b"host", host_override))
     if not request_id:
@@ -172,12 +181,18 @@ def rewrite_response_headers(
             via_in = value if via_in is None else via_in + b", " + value
             continue
         if name == b"x-request-id":
+            if has_request_id:
+                continue  # one id per message: the upstream's first
             has_request_id = True
         out.append((name, value))
     if nominated:
         drop = set(nominated)
         drop.discard(b"upgrade" if keep_upgrade else b"")
         out = [(n, v) for n, v in out if n not in drop]
+        if b"x-request-id" in drop:
+            has_request_id = False
+        if b"via" in drop:
+            via_in = None
     out.append((b"via", via if via_in is None else via_in + b", " + via))
     if not has_request_id:
         out.append((b"x-request-id", request_id))
