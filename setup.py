@@ -22,7 +22,15 @@ CORE = HERE / "fastedge" / "_core"
 # Data-path modules compiled from their Python source (Cython's pure-Python mode, with the
 # .pxd beside each declaring the hot classes as C structs). The .py file stays the
 # readable source and is what runs in a FASTEDGE_NO_EXTENSIONS build.
-DATA_PATH = ["fastedge/proxy.py", "fastedge/http/fast_engine.py", "fastedge/http/headers.py"]
+DATA_PATH = [
+    "fastedge/proxy.py",
+    "fastedge/http/fast_engine.py",
+    "fastedge/http/headers.py",
+    "fastedge/upstream/pool.py",
+    "fastedge/upstream/balancer.py",
+    "fastedge/router.py",
+    "fastedge/observe/metrics.py",
+]
 NO_EXTENSIONS = os.environ.get("FASTEDGE_NO_EXTENSIONS", "") not in ("", "0")
 TRACE = os.environ.get("FASTEDGE_CYTHON_TRACE", "") not in ("", "0")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastedge.config import Config, parse_config
 from fastedge.demo_services import DEMO_PORTS, DemoServices, start_demo_services
-from fastedge.server import ProxyServer
+from fastedge.server import ProxyServer, tune_gc
 
 GATEWAY = "127.0.0.1:8080"
 ADMIN = "127.0.0.1:9901"
@@ -99,6 +99,7 @@ async def run_demo(*, http: str = "auto") -> int:
     """The ``fastedge demo`` command: run until SIGINT/SIGTERM."""
     server, services, token = await start_demo(http=http)
     server.install_signal_handlers()
+    tune_gc()
     print(instructions(GATEWAY, ADMIN, token), flush=True)
     try:
         await server.wait_stopped()

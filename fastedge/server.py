@@ -16,6 +16,7 @@ Lifecycle, as ordered steps (the uvicorn way):
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -269,10 +270,26 @@ def _server_ssl_context(config: Config) -> ssl.SSLContext:
     return ctx
 
 
+def tune_gc() -> None:
+    """Fewer, cheaper cyclic-GC passes for a long-running server process.
+
+    The data path frees almost everything by reference counting, yet each request
+    allocates a few dozen containers, so CPython's default young-generation threshold
+    (700 allocations) ran a collection every ~20 requests and profiles showed ~15% of
+    the time in the collector. Startup objects (modules, config, the router) are moved
+    to the permanent generation so full collections stop re-walking them, and the
+    young-generation threshold is raised to 10,000; cyclic garbage is still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 async def serve(config: Config, *, config_path: str | None = None) -> int:
     """Run a server until SIGTERM/SIGINT; the ``fastedge run`` main loop."""
     server = ProxyServer(config, config_path=config_path)
     await server.start()
+    tune_gc()
     server.install_signal_handlers()
     host, _ = config.server.listen
     engine = server.gateway.engine.name

@@ -206,9 +206,12 @@ class Engine(Protocol):
     def server(self, limits: Limits) -> ServerCodec:
         """A codec for a new client connection."""
 
-    def client(self, method: bytes) -> ClientCodec:
+    def client(self, method: bytes, previous: ClientCodec | None = None) -> ClientCodec:
         """A codec for one upstream exchange; ``method`` tells whether a body can follow
-        (a response to HEAD has none)."""
+        (a response to HEAD has none). ``previous`` is the codec of the last exchange on
+        the same (reusable) connection: an engine may recycle it instead of building a
+        new parser — on the hot path that saves an allocation and a reference cycle per
+        request."""
 
 
 EngineName: TypeAlias = Literal["auto", "h11", "fast"]

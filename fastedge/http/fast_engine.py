@@ -590,6 +590,28 @@ class FastClientCodec:
         self._tunnel: bytes | None = None
         self._parser = HttpResponseParser(self)
 
+    def recycle(self, method: bytes) -> bool:
+        """Prepare for the next exchange on the same connection, keeping the parser.
+
+        Only after a clean, complete, non-HEAD response: llhttp is then between messages
+        (after a HEAD response it still expects the body the head announced, so that
+        parser is never reused). Returns whether the codec was recycled.
+        """
+        if not (self._done and self._keep_alive) or self._stray or self._head_request:
+            return False
+        if self._tunnel is not None or self._head_buffer:
+            return False
+        self._head_request = method == b"HEAD"
+        self._chunked_request = False
+        self._headers = []
+        self._reason = _EMPTY
+        self._interim = False
+        self._done = False
+        self._stopped = False
+        self._keep_alive = False
+        self._body_mode = _NO_BODY
+        return True
+
     # -- request serialisation -------------------------------------------------------
 
     def request_head(self, method: bytes, target: bytes, headers: Headers) -> bytes:
@@ -779,8 +801,11 @@ class FastEngine:
         """A codec for a new client connection."""
         return FastServerCodec(limits)
 
-    def client(self, method: bytes) -> FastClientCodec:
-        """A codec for one upstream exchange."""
+    def client(self, method: bytes, previous: object = None) -> FastClientCodec:
+        """A codec for one upstream exchange, recycling ``previous`` when its parser is
+        between messages (see :meth:`FastClientCodec.recycle`)."""
+        if type(previous) is FastClientCodec and previous.recycle(method):
+            return previous
         return FastClientCodec(method)
 
 
