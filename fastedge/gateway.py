@@ -11,7 +11,7 @@ import asyncio
 import datetime as _dt
 import ssl
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fastedge.config import Config, TargetConfig, UpstreamConfig
 from fastedge.filters import Runtime, build_route_filters
@@ -69,14 +69,16 @@ class Target:
         from fastedge.proxy import UpstreamConnection
 
         loop = asyncio.get_running_loop()
+        # The protocol classes are compiled (Cython cdef classes cannot subclass
+        # asyncio.Protocol); they implement its methods, which is all the loop needs.
         _, proto = await loop.create_connection(
-            lambda: UpstreamConnection(self),
+            lambda: cast(asyncio.Protocol, UpstreamConnection(self)),
             self.host,
             self.port,
             ssl=self.ssl,
             server_hostname=self.server_hostname,
         )
-        return proto
+        return cast("UpstreamConnection", proto)
 
 
 class Upstream:
@@ -148,6 +150,13 @@ class Gateway:
         for up in self.upstreams.values():
             up.close()
 
+    async def aclose(self) -> None:
+        """Close pools and release what the routes' filters hold."""
+        self.close()
+        for route in self.router.routes:
+            if route.filters is not None:
+                await route.filters.aclose()
+
 
 def build_gateway(
     config: Config,
@@ -160,7 +169,7 @@ def build_gateway(
     """Resolve a validated :class:`Config` into a ready :class:`Gateway` (needs a loop)."""
     loop = asyncio.get_running_loop()
     if runtime is None:
-        runtime = Runtime(metrics=metrics, redis_url=redis_url(config))
+        runtime = make_runtime(config, metrics)
     srv = config.server
     upstreams = {name: Upstream(cfg) for name, cfg in config.upstreams.items()}
     routes = [
@@ -195,6 +204,17 @@ def build_gateway(
         keepalive_timeout=srv.keepalive_timeout,
         body_timeout=srv.body_timeout,
         max_requests_per_connection=srv.max_requests_per_connection,
+    )
+
+
+def make_runtime(config: Config, metrics: Metrics) -> Runtime:
+    """Process-wide services for ``config`` (the Redis client settings from ``[redis]``)."""
+    section = config.sections.get("redis")
+    timeout = getattr(section, "timeout", None)
+    return Runtime(
+        metrics=metrics,
+        redis_url=redis_url(config),
+        redis_timeout=timeout if isinstance(timeout, float) else 0.25,
     )
 
 

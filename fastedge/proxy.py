@@ -183,7 +183,6 @@ class ClientConnection:
     __slots__ = (
         "_deadline_at",
         "_deadline_handle",
-        "head_started",
         "_pumping",
         "ahead_bytes",
         "client_ip",
@@ -192,6 +191,7 @@ class ClientConnection:
         "eof",
         "exchange",
         "gateway",
+        "head_started",
         "last_read",
         "paused",
         "proto",

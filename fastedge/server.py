@@ -22,11 +22,11 @@ import os
 import signal
 import socket
 import ssl
-from typing import Any
+from typing import Any, cast
 
 from fastedge.config import Config, ConfigError, load_config, redacted
 from fastedge.filters import Runtime
-from fastedge.gateway import Gateway, build_gateway, redis_url
+from fastedge.gateway import Gateway, build_gateway, make_runtime, redis_url
 from fastedge.http.engine import Engine
 from fastedge.observe.logging import AccessLog
 from fastedge.observe.metrics import MetricFamily, Metrics
@@ -59,7 +59,7 @@ class ProxyServer:
         self.access_log = (
             AccessLog(config.server.access_log) if config.server.access_log else None
         )
-        self.runtime = Runtime(metrics=self.metrics, redis_url=redis_url(config))
+        self.runtime: Runtime = make_runtime(config, self.metrics)
         self.gateway: Gateway = build_gateway(
             config,
             metrics=self.metrics,
@@ -74,6 +74,7 @@ class ProxyServer:
         self._ready = False
         self._stopped = asyncio.Event()
         self._retired: list[Gateway] = []
+        self._closing: set[asyncio.Task[None]] = set()
         self.metrics.add_collector(self._pool_gauges)
 
     # --- start --------------------------------------------------------------------------
@@ -83,8 +84,9 @@ class ProxyServer:
         ssl_ctx = _server_ssl_context(self.config) if srv.tls else None
         proto = b"https" if ssl_ctx else b"http"
 
-        def factory() -> ClientConnection:
-            return ClientConnection(self, proto)
+        def factory() -> asyncio.Protocol:
+            # A compiled class implementing asyncio.Protocol's methods (see proxy.pxd).
+            return cast(asyncio.Protocol, ClientConnection(self, proto))
 
         if self._sock is not None:
             self._server = await self.loop.create_server(
@@ -181,7 +183,9 @@ class ProxyServer:
     def _retire(self, gw: Gateway) -> None:
         if gw in self._retired:
             self._retired.remove(gw)
-            gw.close()
+            task = self.loop.create_task(gw.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     # --- shutdown -----------------------------------------------------------------------
     async def shutdown(self, drain_timeout: float | None = None) -> None:
@@ -209,8 +213,10 @@ class ProxyServer:
             await self._server.wait_closed()
         # 5. upstream pools, admin, access log
         for gw in [self.gateway, *self._retired]:
-            gw.close()
+            await gw.aclose()
         self._retired.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         if self._admin is not None:
             await self._admin.close()
         if self.access_log is not None:

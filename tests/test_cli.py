@@ -172,10 +172,23 @@ async def test_run_reloads_on_sighup_and_drains_on_sigterm(
     assert code == 0, err
 
 
+async def _token(client: Client, sub: str) -> str:
+    body = json.dumps({"sub": sub}).encode()
+    await client.send(
+        b"POST /api/auth/token HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    resp = await client.read_response()
+    assert resp.status == 200, resp
+    token: str = json.loads(resp.body)["token"]
+    assert token.count(".") == 2
+    return token
+
+
 async def test_demo_end_to_end() -> None:
     from fastedge.demo import start_demo
 
-    server, services, token = await start_demo(
+    server, services, _ = await start_demo(
         gateway="127.0.0.1:0",
         admin="127.0.0.1:0",
         service_ports={},
@@ -184,19 +197,30 @@ async def test_demo_end_to_end() -> None:
     )
     try:
         client = await Client.open(server.port)
-        await client.send(get("/api/users"))
-        users = await client.read_response()
-        assert users.status == 200 and b"alice" in users.body
         await client.send(get("/api/products"))
         products = await client.read_response()
         assert products.status == 200 and products.header("x-version") == b"blue"
-        body = b'{"sub": "alice"}'
-        await client.send(
-            b"POST /api/auth/token HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
-        tok = await client.read_response()
-        assert tok.status == 200 and json.loads(tok.body)["token"].count(".") == 2
+        # /api/users: zero trust
+        await client.send(get("/api/users"))
+        missing = await client.read_response()
+        assert missing.status == 401 and missing.header("www-authenticate") is not None
+        alice = await _token(client, "alice")
+        bearer = f"Authorization: Bearer {alice}\r\n"
+        await client.send(get("/api/users/alice", extra=bearer))
+        me = await client.read_response()
+        assert me.status == 200 and b"alice" in me.body
+        mallory = await _token(client, "mallory")
+        await client.send(get("/api/users", extra=f"Authorization: Bearer {mallory}\r\n"))
+        disabled = await client.read_response()
+        assert disabled.status == 403 and b"account disabled" in disabled.body
+        # 20 requests per 10 s per user: alice used one above
+        statuses = []
+        for _ in range(21):
+            await client.send(get("/api/users", extra=bearer))
+            resp = await client.read_response()
+            statuses.append(resp.status)
+        assert statuses == [200] * 19 + [429, 429]
+        assert resp.header("retry-after") is not None and resp.header("ratelimit") is not None
         await client.send(get("/nowhere"))
         assert (await client.read_response()).status == 404
         await client.close()

@@ -124,6 +124,7 @@ class Runtime:
 
     metrics: Metrics
     redis_url: str | None = None
+    redis_timeout: float = 0.25  # [redis] timeout; see fastedge.redis_config
     _redis: Any = field(default=None, repr=False)
 
     def redis(self) -> Any:
@@ -133,7 +134,12 @@ class Runtime:
         if self._redis is None:
             import redis.asyncio as aioredis
 
-            self._redis = aioredis.Redis.from_url(self.redis_url)
+            # Bounded connects and commands: a Redis outage must never hang a request.
+            self._redis = aioredis.Redis.from_url(
+                self.redis_url,
+                socket_timeout=self.redis_timeout,
+                socket_connect_timeout=self.redis_timeout,
+            )
         return self._redis
 
     async def close(self) -> None:
@@ -181,10 +187,17 @@ class FilterChain:
                 return result
         return None
 
+    async def aclose(self) -> None:
+        """Release what filters hold (background JWKS fetches, ...)."""
+        for f in self.filters:
+            close = getattr(f, "aclose", None)
+            if close is not None:
+                await close()
+
     def run_response(self, ctx: FilterContext, status: int, headers: Headers) -> None:
         """Let filters append to the response headers (``headers`` is edited in place)."""
         for f in self.response_filters:
-            f.on_response(ctx, status, headers)  # type: ignore[attr-defined]
+            f.on_response(ctx, status, headers)
         if ctx.response_headers:
             headers.extend(ctx.response_headers)
 
