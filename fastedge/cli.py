@@ -1,10 +1,10 @@
 """The ``fastedge`` command.
 
-    fastedge run [-c fastedge.toml]           serve a config file
-    fastedge reverse-proxy --from A --to URL  the one-liner, no config file
-    fastedge check -c FILE                    validate a config (exit 2 on errors)
-    fastedge demo                             the demo gateway and its services
-    fastedge --version
+fastedge run [-c fastedge.toml]           serve a config file
+fastedge reverse-proxy --from A --to URL  the one-liner, no config file
+fastedge check -c FILE                    validate a config (exit 2 on errors)
+fastedge demo                             the demo gateway and its services
+fastedge --version
 """
 
 from __future__ import annotations
@@ -38,9 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--to", dest="targets", action="append", required=True, help="http(s)://HOST:PORT"
     )
     rp.add_argument("--http", choices=["auto", "h11", "fast"], default="auto")
-    rp.add_argument(
-        "--admin", default="off", help="admin listener HOST:PORT, or off (the default)"
-    )
+    rp.add_argument("--admin", default="off", help="admin listener HOST:PORT, or off (the default)")
     rp.add_argument(
         "--access-log", default="off", help="'-' for stdout, a file path, or off (the default)"
     )

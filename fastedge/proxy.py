@@ -820,9 +820,7 @@ class Exchange:
                 fctx = self.fctx
                 if fctx is not None and self.route is not None and self.route.filters:
                     self.route.filters.run_response(fctx, ev.status, headers)
-                close = self.conn.must_close() or (
-                    not self.request_complete and self.head.has_body
-                )
+                close = self.conn.must_close() or (not self.request_complete and self.head.has_body)
                 if close:
                     self.keep_alive = False
                 out.append(codec.response_head(ev.status, ev.reason, headers, close=close))

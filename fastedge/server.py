@@ -56,9 +56,7 @@ class ProxyServer:
         self.engine = engine
         self.connections: set[Any] = set()
         self.loop = asyncio.get_running_loop()
-        self.access_log = (
-            AccessLog(config.server.access_log) if config.server.access_log else None
-        )
+        self.access_log = AccessLog(config.server.access_log) if config.server.access_log else None
         self.runtime: Runtime = make_runtime(config, self.metrics)
         self.gateway: Gateway = build_gateway(
             config,

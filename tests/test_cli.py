@@ -117,8 +117,12 @@ async def test_reverse_proxy_one_liner(
 ) -> None:
     port = free_port()
     p = start(
-        spawn, "reverse-proxy", "--from", f"127.0.0.1:{port}",
-        "--to", f"http://127.0.0.1:{origin_port}",
+        spawn,
+        "reverse-proxy",
+        "--from",
+        f"127.0.0.1:{port}",
+        "--to",
+        f"http://127.0.0.1:{origin_port}",
     )
     await wait_port(port, p)
     client = await Client.open(port)
@@ -275,8 +279,14 @@ async def test_1gib_up_and_down_keep_rss_flat(
     total = 1 << 30
     port = free_port()
     p = start(
-        spawn, "reverse-proxy", "--from", f"127.0.0.1:{port}",
-        "--to", f"http://127.0.0.1:{origin_port}", "--http", http,
+        spawn,
+        "reverse-proxy",
+        "--from",
+        f"127.0.0.1:{port}",
+        "--to",
+        f"http://127.0.0.1:{origin_port}",
+        "--http",
+        http,
     )
     await wait_port(port, p)
     client = await Client.open(port)  # warm up: first request loads every module

@@ -770,9 +770,7 @@ def test_ephemeral_ports_may_coincide() -> None:
     assert config.server.listen == ("127.0.0.1", 0)
 
 
-@pytest.mark.parametrize(
-    "section", ["caches", "traffic", "flags", "tracing"]
-)
+@pytest.mark.parametrize("section", ["caches", "traffic", "flags", "tracing"])
 def test_future_sections_are_unknown_for_now(section: str) -> None:
     assert only_error({section: {}}).startswith(f"{section}: unknown key")
 

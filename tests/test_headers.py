@@ -33,7 +33,14 @@ def test_request_rewrite_strips_hop_by_hop_and_nominated() -> None:
     assert host == b"h.test"
     assert len(rid) >= 16
     got = dict(out)
-    for gone in (b"connection", b"x-hop", b"transfer-encoding", b"content-length", b"te", b"upgrade"):
+    for gone in (
+        b"connection",
+        b"x-hop",
+        b"transfer-encoding",
+        b"content-length",
+        b"te",
+        b"upgrade",
+    ):
         assert gone not in got
     assert got[b"x-keep"] == b"2"
     assert got[b"x-forwarded-for"] == b"10.0.0.1"

@@ -35,7 +35,7 @@ def test_checkout_reserves_slots_up_to_the_limit() -> None:
 def test_reuse_is_most_recent_first_and_skips_dead() -> None:
     state: PoolState[FakeConn] = PoolState(max_connections=4, idle_timeout=60)
     a, b, c = FakeConn("a"), FakeConn("b"), FakeConn("c")
-    for conn in (a, b, c):
+    for _ in (a, b, c):
         state.checkout()
     for t, conn in enumerate((a, b, c)):
         keep, freed = state.checkin(conn, True, now=float(t))

@@ -275,14 +275,24 @@ async def test_websocket_style_upgrade_is_tunnelled(proxy: ProxyServer) -> None:
 @pytest.mark.parametrize(
     ("raw", "status"),
     [
-        (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            400,
+        ),
         (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host on 1.1
         (b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n", 400),
         (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
         (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-Big: " + b"b" * 17000 + b"\r\n\r\n", 431),
         (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999\r\n\r\n", 413),
     ],
-    ids=["cl-and-te", "no-host", "space-in-name", "uri-too-long", "head-too-large", "body-too-large"],
+    ids=[
+        "cl-and-te",
+        "no-host",
+        "space-in-name",
+        "uri-too-long",
+        "head-too-large",
+        "body-too-large",
+    ],
 )
 async def test_bad_requests_answered_and_closed(
     proxy: ProxyServer, raw: bytes, status: int

@@ -111,9 +111,7 @@ async def test_client_tls_is_terminated(
 async def test_https_upstream_verified_with_ca(
     certs: dict[str, str], origin_tls: int, engine_name: str
 ) -> None:
-    server = ProxyServer(
-        cfg(f"https://localhost:{origin_tls}", engine_name, tls_ca=certs["ca"])
-    )
+    server = ProxyServer(cfg(f"https://localhost:{origin_tls}", engine_name, tls_ca=certs["ca"]))
     await server.start()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -127,9 +125,7 @@ async def test_https_upstream_verified_with_ca(
         await server.shutdown(drain_timeout=1)
 
 
-async def test_https_upstream_with_unknown_ca_is_502(
-    origin_tls: int, engine_name: str
-) -> None:
+async def test_https_upstream_with_unknown_ca_is_502(origin_tls: int, engine_name: str) -> None:
     server = ProxyServer(cfg(f"https://localhost:{origin_tls}", engine_name))
     await server.start()
     try:
