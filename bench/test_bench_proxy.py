@@ -10,8 +10,11 @@ the kernel and the event loop, which is what ``make bench-load`` cannot separate
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from typing import Any
 
+import jwt
 import pytest
 import uvloop
 
@@ -60,25 +63,60 @@ class FakeTransport:
         self.closing = True
 
 
-@pytest.fixture(params=["fast", "h11"])
+SECRET = "bench-secret-bench-secret-bench-secret-0123"
+
+
+def _policies() -> dict[str, Any]:
+    """Issue 4's chain: JWT auth (cached verification) + a local per-user sliding window."""
+    os.environ["FASTEDGE_BENCH_JWT_SECRET"] = SECRET
+    return {
+        "auth": {
+            "bench": {
+                "algorithms": ["HS256"],
+                "keys": [{"algorithm": "HS256", "secret_env": "FASTEDGE_BENCH_JWT_SECRET"}],
+            }
+        },
+        "rate_limits": {
+            "per_user": {
+                "algorithm": "sliding_window",
+                "limit": 10**9,
+                "window": "10s",
+                "key": "claim:sub",
+            }
+        },
+    }
+
+
+def _authorized_request() -> bytes:
+    token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 3600}, SECRET, "HS256")
+    return REQUEST.replace(
+        b"Connection:", b"Authorization: Bearer %s\r\nConnection:" % token.encode()
+    )
+
+
+@pytest.fixture(params=["fast", "h11", "fast+auth+ratelimit"])
 def hot_path(request: pytest.FixtureRequest) -> Any:
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
+    engine, _, chain = str(request.param).partition("+")
 
     async def build() -> tuple[ProxyServer, ClientConnection, UpstreamConnection]:
-        config = parse_config(
-            {
-                "server": {
-                    "listen": "127.0.0.1:0",
-                    "http": request.param,
-                    "access_log": False,
-                    "max_requests_per_connection": 0,
-                },
-                "admin": {"enabled": False},
-                "upstreams": {"o": {"targets": ["http://127.0.0.1:1"]}},
-                "routes": [{"prefix": "/", "upstream": "o"}],
-            }
-        )
+        route: dict[str, Any] = {"prefix": "/", "upstream": "o"}
+        doc: dict[str, Any] = {
+            "server": {
+                "listen": "127.0.0.1:0",
+                "http": engine,
+                "access_log": False,
+                "max_requests_per_connection": 0,
+            },
+            "admin": {"enabled": False},
+            "upstreams": {"o": {"targets": ["http://127.0.0.1:1"]}},
+            "routes": [route],
+        }
+        if chain:
+            doc.update(_policies())
+            route.update(auth="bench", rate_limit="per_user")
+        config = parse_config(doc)
         server = ProxyServer(config)
         target = server.gateway.upstreams["o"].targets[0]
         upstream = UpstreamConnection(target)
@@ -89,16 +127,16 @@ def hot_path(request: pytest.FixtureRequest) -> Any:
         return server, client, upstream
 
     _server, client, upstream = loop.run_until_complete(build())
-    yield client, upstream
+    yield client, upstream, (_authorized_request() if chain else REQUEST)
     loop.close()
     asyncio.set_event_loop(None)
 
 
 def test_proxy_request_python_cost(benchmark: Any, hot_path: Any) -> None:
-    client, upstream = hot_path
+    client, upstream, request = hot_path
 
     def one_exchange() -> None:
-        client.data_received(REQUEST)
+        client.data_received(request)
         upstream.data_received(RESPONSE)
 
     benchmark(one_exchange)

@@ -388,8 +388,22 @@ async def test_missing_token_is_a_bare_challenge(
         await stop(server)
 
 
+def tampered(now: float) -> str:
+    """A valid token whose payload was swapped for another subject's (signature kept)."""
+    head, _, sig = hs(claims(now, iss="fastedge-demo", aud="api")).split(".")
+    forged = hs(claims(now, iss="fastedge-demo", aud="api", sub="admin")).split(".")[1]
+    return f"{head}.{forged}.{sig}"
+
+
 BAD_TOKENS: list[tuple[str, Callable[[float, bytes], str], str, str]] = [
     ("garbage", lambda now, pem: "not-a-jwt", "malformed token", "invalid"),
+    ("malformed-base64", lambda now, pem: "e!!!.e$$$.s%%%", "malformed token", "invalid"),
+    (
+        "tampered-payload",
+        lambda now, pem: tampered(now),
+        "signature verification failed",
+        "invalid",
+    ),
     ("three-garbage-parts", lambda now, pem: "a.b.c", "malformed token", "invalid"),
     (
         "expired",
@@ -999,3 +1013,18 @@ async def test_demo_setup_marks_mallory_disabled_without_redis() -> None:
         assert err is not None and err.status == 403 and err.detail == "account disabled"
     finally:
         await services.close()
+
+
+async def test_oversized_token_is_refused_without_a_crash(
+    origin_port: int, engine_name: str, full_policy: dict[str, Any]
+) -> None:
+    # 12 KiB fits the 16 KiB head limit, so it reaches the auth filter; it must be a plain
+    # 401, never a 500 or a hang (a larger one is refused by the engine with 431).
+    server = ProxyServer(proxy_config(origin_port, engine_name, full_policy))
+    await server.start()
+    try:
+        resp = await fetch(server, "a" * 4096 + "." + "b" * 4096 + "." + "c" * 4096)
+        assert resp.status == 401
+        assert (resp.header("www-authenticate") or b"").startswith(b'Bearer error="invalid_token"')
+    finally:
+        await stop(server)
