@@ -27,6 +27,16 @@ async def roundtrip(port: int, data: bytes, *, method: bytes = b"GET") -> Respon
         await client.close()
 
 
+def pool_doc(origin: int, engine: str, pool: dict[str, Any]) -> dict[str, Any]:
+    """A config document routing everything to the origin with these pool settings."""
+    return {
+        "server": {"listen": "127.0.0.1:0", "http": engine, "access_log": False},
+        "admin": {"enabled": False},
+        "upstreams": {"origin": {"targets": [f"http://127.0.0.1:{origin}"], "pool": pool}},
+        "routes": [{"prefix": "/", "upstream": "origin"}],
+    }
+
+
 def echo_of(resp: Response) -> dict[str, Any]:
     assert resp.status == 200, resp
     doc: dict[str, Any] = json.loads(resp.body)
@@ -324,18 +334,7 @@ async def test_upstream_refused_is_502(engine_name: str) -> None:
 
 
 async def test_upstream_timeout_is_504(origin_port: int, engine_name: str) -> None:
-    cfg = gateway_config(origin_port, engine_name)
-    doc = {
-        "server": {"listen": "127.0.0.1:0", "http": engine_name, "access_log": False},
-        "admin": {"enabled": False},
-        "upstreams": {
-            "origin": {
-                "targets": [f"http://127.0.0.1:{origin_port}"],
-                "pool": {"response_timeout": "300ms"},
-            }
-        },
-        "routes": [{"prefix": "/", "upstream": "origin"}],
-    }
+    doc = pool_doc(origin_port, engine_name, {"response_timeout": "300ms"})
     cfg = parse_config(doc)
     server = ProxyServer(cfg)
     await server.start()
@@ -371,17 +370,7 @@ async def test_stale_pooled_connection_is_retried_once(proxy: ProxyServer) -> No
 
 
 async def test_pool_wait_timeout_is_503(origin_port: int, engine_name: str) -> None:
-    doc = {
-        "server": {"listen": "127.0.0.1:0", "http": engine_name, "access_log": False},
-        "admin": {"enabled": False},
-        "upstreams": {
-            "origin": {
-                "targets": [f"http://127.0.0.1:{origin_port}"],
-                "pool": {"max_connections": 1, "wait_timeout": "100ms"},
-            }
-        },
-        "routes": [{"prefix": "/", "upstream": "origin"}],
-    }
+    doc = pool_doc(origin_port, engine_name, {"max_connections": 1, "wait_timeout": "100ms"})
     server = ProxyServer(parse_config(doc))
     await server.start()
     try:
@@ -397,17 +386,7 @@ async def test_pool_wait_timeout_is_503(origin_port: int, engine_name: str) -> N
 
 
 async def test_pool_waiter_gets_released_connection(origin_port: int, engine_name: str) -> None:
-    doc = {
-        "server": {"listen": "127.0.0.1:0", "http": engine_name, "access_log": False},
-        "admin": {"enabled": False},
-        "upstreams": {
-            "origin": {
-                "targets": [f"http://127.0.0.1:{origin_port}"],
-                "pool": {"max_connections": 1, "wait_timeout": "5s"},
-            }
-        },
-        "routes": [{"prefix": "/", "upstream": "origin"}],
-    }
+    doc = pool_doc(origin_port, engine_name, {"max_connections": 1, "wait_timeout": "5s"})
     server = ProxyServer(parse_config(doc))
     await server.start()
     try:
