@@ -126,6 +126,10 @@ class ServerConfig:
     max_connections: int = 10_000
     # Concurrent client connections. nginx worker_connections 512 counts upstream sides
     # too and is sized for small hosts; 10k clients need ~20k fds with their upstreams.
+    max_connections_per_ip: int = 0
+    # Concurrent connections from one client address; 0 = no limit. nginx (limit_conn)
+    # and HAProxy (src_conn_cur) leave it off by default too: behind NAT or a carrier-grade
+    # NAT, thousands of users share an address, so a default would refuse real traffic.
     max_requests_per_connection: int = 1000
     # nginx keepalive_requests 1000 (since 1.19.10): bounds per-connection state and lets
     # an L4 balancer in front rebalance long-lived clients. 0 = unlimited.
@@ -731,6 +735,7 @@ _SERVER_SCHEMA: Final[_Schema] = {
     "max_headers": _Key(_field(_integer(1, 10_000))),
     "max_body_size": _Key(_field(_max_body), attr="max_body_bytes"),
     "max_connections": _Key(_field(_integer(1, 1_000_000))),
+    "max_connections_per_ip": _Key(_field(_integer(0, 1_000_000))),
     "max_requests_per_connection": _Key(_field(_integer(0, 2**31 - 1))),
     "access_log": _Key(_access_log),
     "backlog": _Key(_field(_integer(1, 65535))),

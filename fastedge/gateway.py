@@ -128,6 +128,8 @@ class Gateway:
     keepalive_timeout: float
     body_timeout: float
     max_requests_per_connection: int
+    max_connections: int
+    max_connections_per_ip: int
 
     @property
     def access_log_enabled(self) -> bool:
@@ -204,6 +206,8 @@ def build_gateway(
         keepalive_timeout=srv.keepalive_timeout,
         body_timeout=srv.body_timeout,
         max_requests_per_connection=srv.max_requests_per_connection,
+        max_connections=srv.max_connections,
+        max_connections_per_ip=srv.max_connections_per_ip,
     )
 
 

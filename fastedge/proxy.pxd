@@ -30,6 +30,7 @@ cdef class ClientConnection:
     cdef public long ahead_bytes
     cdef public double last_read
     cdef public bint _pumping
+    cdef public bint admitted
     cdef public object _deadline_handle
     cdef public double _deadline_at
     cdef public double head_started

@@ -80,7 +80,7 @@ _ERROR_REASONS = {
 }
 
 
-def raw_error(status: int, message: str, request_id: bytes) -> bytes:
+def raw_error(status: int, message: str, request_id: bytes, *, retry_after: int = 0) -> bytes:
     """A complete ``Connection: close`` error response built without a codec.
 
     Used when the request could not be parsed, so no codec state describes it.
@@ -95,6 +95,7 @@ def raw_error(status: int, message: str, request_id: bytes) -> bytes:
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
             b"x-request-id: %s\r\n" % request_id,
+            b"retry-after: %d\r\n" % retry_after if retry_after else b"",
             b"connection: close\r\n\r\n",
             body,
         )
@@ -184,6 +185,7 @@ class ClientConnection:
         "_deadline_at",
         "_deadline_handle",
         "_pumping",
+        "admitted",
         "ahead_bytes",
         "client_ip",
         "closing",
@@ -214,6 +216,7 @@ class ClientConnection:
         self.paused = 0
         self.write_paused = False
         self.closing = False
+        self.admitted = False  # counted by server.admit (per-IP bookkeeping)
         self.eof = False
         self.requests = 0
         self.ahead_bytes = 0
@@ -233,6 +236,15 @@ class ClientConnection:
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
+        if not self.server.admit(self.client_ip):
+            # Over a connection limit: a clear 503 and close (DESIGN §6), nothing read.
+            self.closing = True
+            self.transport.write(
+                raw_error(503, "too many connections", new_request_id(), retry_after=1)
+            )
+            self.transport.close()
+            return
+        self.admitted = True
         self.server.connections.add(self)
         self.last_read = self.server.loop.time()
         self.rearm()
@@ -266,6 +278,9 @@ class ClientConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self.admitted:
+            self.admitted = False
+            self.server.release_ip(self.client_ip)
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
             self._deadline_handle = None
@@ -381,8 +396,13 @@ class ClientConnection:
         """Whether the response being started must be the connection's last: shutting
         down, or the per-connection request limit is reached (said in the response, so
         the client reconnects cleanly instead of finding the connection gone)."""
-        limit = self.gateway.max_requests_per_connection
-        return self.closing or bool(limit and self.requests >= limit)
+        gw = self.gateway
+        limit = gw.max_requests_per_connection
+        return (
+            self.closing
+            or bool(limit and self.requests >= limit)
+            or not gw.keepalive_timeout  # keepalive_timeout = 0: keep-alive off, as nginx
+        )
 
     def _protocol_error(self, err: ProtocolError) -> None:
         """Malformed input: answer (400/413/414/431/501) and close; nothing forwarded."""
@@ -596,6 +616,19 @@ class Exchange:
         self.request_id = rid
         if host is None:
             host = host_hdr
+        elif host_hdr and host.lower() != host_hdr.lower():
+            # An absolute-form target naming another host than Host: a forward-proxy
+            # request. fastedge is never an open proxy; refuse rather than guess which
+            # one to believe (RFC 9112 §3.2.2 would let a server prefer the target's).
+            self.keep_alive = False
+            self.fail(
+                ProxyError(
+                    Kind.BAD_REQUEST,
+                    "client",
+                    detail="absolute-form target for another host",
+                )
+            )
+            return
         route = gw.router.match(
             path.decode("latin-1"),
             host.decode("latin-1") if host else None,
@@ -919,7 +952,17 @@ class Exchange:
         # The HTTP connection object is done; the tunnel's client end takes its place in
         # the registry (gauge, graceful shutdown).
         self.conn.server.connections.discard(self.conn)
-        start_tunnel(client_t, up.transport, client_rest, up_rest, self.conn.server)
+        # The tunnel's client end releases the per-IP slot when it closes.
+        self.conn.admitted = False
+        server, ip = self.conn.server, self.conn.client_ip
+        start_tunnel(
+            client_t,
+            up.transport,
+            client_rest,
+            up_rest,
+            server,
+            on_client_close=lambda: server.release_ip(ip),
+        )
         self._log()
 
     def _response_end(self, reusable: bool | None = None) -> None:

@@ -55,6 +55,7 @@ class ProxyServer:
         self.metrics = metrics or Metrics()
         self.engine = engine
         self.connections: set[Any] = set()
+        self.per_ip: dict[bytes, int] = {}  # open client connections by address
         self.loop = asyncio.get_running_loop()
         self.access_log = AccessLog(config.server.access_log) if config.server.access_log else None
         self.runtime: Runtime = make_runtime(config, self.metrics)
@@ -233,6 +234,29 @@ class ProxyServer:
             self.loop.add_signal_handler(
                 sig, lambda: self.loop.create_task(self.shutdown()) and None
             )
+
+    # --- admission ----------------------------------------------------------------------
+    def admit(self, ip: bytes) -> bool:
+        """Count a new client connection from ``ip``; False when a limit refuses it
+        (``server.max_connections``, ``server.max_connections_per_ip``)."""
+        gw = self.gateway
+        if len(self.connections) >= gw.max_connections:
+            self.metrics.inc("fastedge_connections_refused_total", (("reason", "max_connections"),))
+            return False
+        count = self.per_ip.get(ip, 0)
+        if gw.max_connections_per_ip and count >= gw.max_connections_per_ip:
+            self.metrics.inc("fastedge_connections_refused_total", (("reason", "per_ip"),))
+            return False
+        self.per_ip[ip] = count + 1
+        return True
+
+    def release_ip(self, ip: bytes) -> None:
+        """A connection admitted by :meth:`admit` closed."""
+        count = self.per_ip.get(ip, 0) - 1
+        if count > 0:
+            self.per_ip[ip] = count
+        else:
+            self.per_ip.pop(ip, None)
 
     # --- metrics ------------------------------------------------------------------------
     def _pool_gauges(self) -> list[MetricFamily]:

@@ -8,18 +8,20 @@ write buffer pauses reading on the other side), and a close on either side close
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 
 class _TunnelEnd(asyncio.Protocol):
     """One side of a tunnel: relays what it reads to ``peer``."""
 
-    __slots__ = ("eof", "peer", "registry", "transport")
+    __slots__ = ("eof", "on_close", "peer", "registry", "transport")
 
     def __init__(self, transport: asyncio.Transport, registry: set[Any] | None) -> None:
         self.transport = transport
         self.peer: _TunnelEnd | None = None
         self.registry = registry
+        self.on_close: Callable[[], None] | None = None  # e.g. release a per-IP slot
         self.eof = False  # this side has sent us EOF
 
     def data_received(self, data: bytes) -> None:
@@ -45,6 +47,9 @@ class _TunnelEnd(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.registry is not None:
             self.registry.discard(self)
+        if self.on_close is not None:
+            on_close, self.on_close = self.on_close, None
+            on_close()
         peer = self.peer
         if peer is not None:
             peer.transport.close()
@@ -68,6 +73,7 @@ def start_tunnel(
     client_rest: bytes,
     upstream_rest: bytes,
     server: Any,
+    on_client_close: Callable[[], None] | None = None,
 ) -> None:
     """Relay raw bytes between ``client`` and ``upstream`` from now on.
 
@@ -76,6 +82,7 @@ def start_tunnel(
     """
     registry: set[Any] | None = getattr(server, "connections", None)
     a = _TunnelEnd(client, registry)
+    a.on_close = on_client_close
     b = _TunnelEnd(upstream, None)
     a.peer, b.peer = b, a
     client.set_protocol(a)
