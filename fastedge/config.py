@@ -1058,6 +1058,7 @@ EXTENSION_SECTIONS: Final[dict[str, str]] = {
     "redis": "fastedge.redis_config:convert_redis_section",
     "auth": "fastedge.filters.auth:convert_auth_section",
     "rate_limits": "fastedge.filters.ratelimit:convert_rate_limits_section",
+    "tracing": "fastedge.observe.tracing_config:convert_tracing_section",
 }
 EXTENSION_ROUTE_KEYS: Final[dict[str, str]] = {
     "auth": "fastedge.filters.auth:convert_route_auth",

@@ -75,6 +75,8 @@ def demo_config(
                 "headers": "always",
             }
         },
+        # Every demo request is traced into the in-process store behind GET /traces.
+        "tracing": {"sample_ratio": 1.0, "memory_spans": 1000},
         "routes": routes,
     }
     return parse_config(doc, source=None)
@@ -103,6 +105,7 @@ def instructions(gateway: str, admin: str | None, token: str) -> str:
             f"  curl {a}/healthz",
             f"  curl -H 'Authorization: Bearer {token}' {a}/metrics",
             f"  curl -H 'Authorization: Bearer {token}' {a}/config",
+            f"  curl -H 'Authorization: Bearer {token}' '{a}/traces?limit=5'   # recent spans",
         ]
     lines.append("Ctrl-C stops it.")
     return "\n".join(lines)

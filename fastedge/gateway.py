@@ -18,6 +18,7 @@ from fastedge.filters import Runtime, build_route_filters
 from fastedge.http.engine import Engine, Limits, get_engine
 from fastedge.observe.logging import AccessLog
 from fastedge.observe.metrics import Metrics
+from fastedge.observe.tracing import Tracer
 from fastedge.router import Route, Router
 from fastedge.upstream.balancer import SmoothRoundRobin
 from fastedge.upstream.pool import ConnectionPool
@@ -130,6 +131,7 @@ class Gateway:
     max_requests_per_connection: int
     max_connections: int
     max_connections_per_ip: int
+    tracer: Tracer | None = None
 
     @property
     def access_log_enabled(self) -> bool:
@@ -167,6 +169,7 @@ def build_gateway(
     access_log: AccessLog | None,
     engine: Engine | None = None,
     runtime: Runtime | None = None,
+    tracer: Tracer | None = None,
 ) -> Gateway:
     """Resolve a validated :class:`Config` into a ready :class:`Gateway` (needs a loop)."""
     loop = asyncio.get_running_loop()
@@ -208,6 +211,7 @@ def build_gateway(
         max_requests_per_connection=srv.max_requests_per_connection,
         max_connections=srv.max_connections,
         max_connections_per_ip=srv.max_connections_per_ip,
+        tracer=tracer,
     )
 
 

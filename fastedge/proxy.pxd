@@ -64,6 +64,7 @@ cdef class Exchange:
     cdef public long long bytes_out
     cdef public object error
     cdef public object fctx
+    cdef public object span
     cdef public double up_start
     cdef public double last_up_activity
     cdef public object _timer

@@ -47,6 +47,7 @@ from fastedge.http.headers import (
     rewrite_request_headers,
     rewrite_response_headers,
 )
+from fastedge.observe.tracing import Span, StatusCode, Tracer
 
 if TYPE_CHECKING:
     from fastedge.gateway import Gateway, Target, Upstream
@@ -65,6 +66,8 @@ PIPELINE_AHEAD_LIMIT = 64 * 1024
 _PAUSE_UPSTREAM = 1  # the upstream's write buffer is full (request body backpressure)
 _PAUSE_PIPELINE = 2  # too much sent ahead of the current request
 _PAUSE_PENDING = 4  # body buffered while connecting
+
+_TRACE_FIELDS = frozenset({b"traceparent", b"tracestate"})
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -530,6 +533,7 @@ class Exchange:
         "retried",
         "reused",
         "route",
+        "span",
         "start",
         "status",
         "target",
@@ -568,6 +572,7 @@ class Exchange:
         self.bytes_out = 0
         self.error: str | None = None
         self.fctx: FilterContext | None = None
+        self.span: Span | None = None
         self.up_start = 0.0
         self.last_up_activity = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -614,6 +619,9 @@ class Exchange:
             keep_upgrade=head.upgrade is not None,
         )
         self.request_id = rid
+        tracer = gw.tracer
+        if tracer is not None:
+            self._start_span(tracer, headers, host_hdr)
         if host is None:
             host = host_hdr
         elif host_hdr and host.lower() != host_hdr.lower():
@@ -652,6 +660,15 @@ class Exchange:
             headers.append((b"content-length", b"%d" % head.content_length))
         elif head.chunked:
             headers.append((b"transfer-encoding", b"chunked"))
+        span = self.span
+        if span is not None:
+            # OTel HTTP conventions: name spans by route template, never by raw path.
+            span.name = f"{head.method.decode('latin-1')} {route.name}"
+            span.set_attribute("http.route", route.name)
+            span.set_attribute("fastedge.upstream", upstream.name)
+            # This hop's context replaces the caller's (W3C Trace Context §3).
+            headers = [(n, v) for n, v in headers if n not in _TRACE_FIELDS]
+            headers += Tracer.inject(span)
         self.up_headers = headers
         chain = route.filters
         if chain is not None:
@@ -1089,8 +1106,39 @@ class Exchange:
             self._drop_upstream()
         self._log()
 
+    def _start_span(self, tracer: Tracer, headers: list[tuple[bytes, bytes]], host: bytes) -> None:
+        head = self.head
+        method = head.method.decode("latin-1")
+        path = head.target.partition(b"?")[0].decode("latin-1")
+        self.span = tracer.start_span(
+            method,
+            tracer.extract(head.headers),
+            attributes={
+                "http.request.method": method,
+                "url.path": path,
+                "server.address": host.decode("latin-1"),
+                "network.peer.address": self.conn.client_ip.decode(),
+                "fastedge.request_id": self.request_id.decode(),
+            },
+        )
+
+    def _end_span(self) -> None:
+        span = self.span
+        if span is None:
+            return
+        self.span = None
+        span.set_attribute("http.response.status_code", self.status)
+        if self.target is not None:
+            span.set_attribute("fastedge.upstream.target", self.target.name)
+        if self.status >= 500 or self.error:
+            span.set_status(StatusCode.ERROR, self.error or "")
+        span.end()
+
     def _log(self) -> None:
         gw = self.conn.gateway
+        span = self.span
+        trace_id = span.trace_id if span is not None else None
+        self._end_span()
         now = time.perf_counter()
         route = self.route.name if self.route is not None else "-"
         total = now - self.start
@@ -1114,5 +1162,6 @@ class Exchange:
                     "duration_ms": round(total * 1000, 3),
                     "upstream_ms": round(upstream_s * 1000, 3) if upstream_s else None,
                     "error": self.error,
+                    "trace_id": trace_id,
                 }
             )

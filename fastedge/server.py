@@ -23,13 +23,17 @@ import signal
 import socket
 import ssl
 from typing import Any, cast
+from urllib.parse import parse_qs
 
+from fastedge.admin.api import AdminError, AdminRequest, AdminResponse
 from fastedge.config import Config, ConfigError, load_config, redacted
 from fastedge.filters import Runtime
 from fastedge.gateway import Gateway, build_gateway, make_runtime, redis_url
 from fastedge.http.engine import Engine
 from fastedge.observe.logging import AccessLog
 from fastedge.observe.metrics import MetricFamily, Metrics
+from fastedge.observe.tracing import Tracer
+from fastedge.observe.tracing_config import Tracing, build_tracing
 from fastedge.proxy import ClientConnection
 
 log = logging.getLogger("fastedge.server")
@@ -59,12 +63,15 @@ class ProxyServer:
         self.loop = asyncio.get_running_loop()
         self.access_log = AccessLog(config.server.access_log) if config.server.access_log else None
         self.runtime: Runtime = make_runtime(config, self.metrics)
+        # Process-wide like the access log: it owns the exporter's queue and connection.
+        self.tracing: Tracing | None = build_tracing(config.sections.get("tracing"), self.metrics)
         self.gateway: Gateway = build_gateway(
             config,
             metrics=self.metrics,
             access_log=self.access_log,
             engine=engine,
             runtime=self.runtime,
+            tracer=self.tracer,
         )
         self._server: asyncio.Server | None = None
         self._sock = sock
@@ -122,9 +129,15 @@ class ProxyServer:
                 ready=lambda: self._ready,
                 config_view=lambda: redacted(self.config),
                 token=token,
+                extra_routes={("GET", "/traces"): self._traces},
             )
             await self._admin.start()
         self._ready = True
+
+    @property
+    def tracer(self) -> Tracer | None:
+        """The process's tracer, or ``None`` without ``[tracing]``."""
+        return None if self.tracing is None else self.tracing.tracer
 
     @property
     def port(self) -> int:
@@ -152,12 +165,15 @@ class ProxyServer:
                 config = load_config(self.config_path)
             if redis_url(config) != self.runtime.redis_url:
                 log.warning("[redis] changed: takes effect on restart")
+            if config.sections.get("tracing") != self.config.sections.get("tracing"):
+                log.warning("[tracing] changed: takes effect on restart")
             new = build_gateway(
                 config,
                 metrics=self.metrics,
                 access_log=self.access_log,
                 engine=self.engine,
                 runtime=self.runtime,
+                tracer=self.tracer,
             )
         except ConfigError as err:
             log.error("reload refused, the running config stays:\n%s", err)
@@ -220,6 +236,8 @@ class ProxyServer:
             await self._admin.close()
         if self.access_log is not None:
             self.access_log.close()
+        if self.tracing is not None:
+            await self.tracing.aclose()
         await self.runtime.close()
         self._stopped.set()
 
@@ -234,6 +252,19 @@ class ProxyServer:
             self.loop.add_signal_handler(
                 sig, lambda: self.loop.create_task(self.shutdown()) and None
             )
+
+    async def _traces(self, request: AdminRequest) -> AdminResponse:
+        """Admin ``GET /traces[?limit=N&trace_id=ID]``: the most recent spans."""
+        sink = None if self.tracing is None else self.tracing.sink
+        if sink is None:
+            raise AdminError(404, "no in-process span store ([tracing] memory_spans)")
+        query = parse_qs(request.query)
+        try:
+            limit = int(query.get("limit", ["100"])[0])
+        except ValueError:
+            raise AdminError(400, "limit must be an integer") from None
+        trace_id = query.get("trace_id", [None])[0]
+        return AdminResponse.json({"spans": sink.recent(max(1, min(limit, 1000)), trace_id)})
 
     # --- admission ----------------------------------------------------------------------
     def admit(self, ip: bytes) -> bool:

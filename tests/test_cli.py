@@ -233,6 +233,10 @@ async def test_demo_end_to_end() -> None:
         metrics = await admin.read_response()
         assert metrics.status == 200
         assert b'fastedge_requests_total{route="/api/users"' in metrics.body
+        await admin.send(get("/traces?limit=3", extra="Authorization: Bearer t0ken\r\n"))
+        traces = json.loads((await admin.read_response()).body)["spans"]
+        assert len(traces) == 3
+        assert {"GET /api/users", "GET"} <= {t["name"] for t in traces}  # 404: no route
         await admin.close()
     finally:
         await server.shutdown(drain_timeout=1)

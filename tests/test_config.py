@@ -770,7 +770,7 @@ def test_ephemeral_ports_may_coincide() -> None:
     assert config.server.listen == ("127.0.0.1", 0)
 
 
-@pytest.mark.parametrize("section", ["caches", "traffic", "flags", "tracing"])
+@pytest.mark.parametrize("section", ["caches", "traffic", "flags"])
 def test_future_sections_are_unknown_for_now(section: str) -> None:
     assert only_error({section: {}}).startswith(f"{section}: unknown key")
 
@@ -815,8 +815,8 @@ upstream = "userz"
 strip_prefix = true
 rewrite = "/v2"
 
-[tracing]
-sample = 1.0
+[flags]
+new_pricing = 10
 """
     with pytest.raises(ConfigError) as info:
         parse_config(tomllib.loads(document), source="fastedge.toml")
@@ -833,7 +833,7 @@ sample = 1.0
         "routes[2].upstream: unknown upstream 'userz' (did you mean 'users'?)",
         "routes[2].rewrite: cannot be combined with strip_prefix = true "
         "(strip_prefix is rewrite = '/')",
-        "tracing: unknown key",
+        "flags: unknown key",
     ]
     assert info.value.errors == expected
     assert str(info.value) == "\n".join(expected)
