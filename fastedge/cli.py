@@ -89,11 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "run":
             config = load_config(args.config)
-            if args.http:
-                from dataclasses import replace
-
-                config = replace(config, server=replace(config.server, http=args.http))
-            return int(server.run(server.serve(config, config_path=args.config)))
+            return int(
+                server.run(server.serve(config, config_path=args.config, http_override=args.http))
+            )
         if args.command == "reverse-proxy":
             config = parse_config(reverse_proxy_config(args), source=None)
             return int(server.run(server.serve(config)))

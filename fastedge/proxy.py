@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from fastedge.errors import Kind, ProxyError, error_response
@@ -81,6 +81,17 @@ _ERROR_REASONS = {
     503: b"Service Unavailable",
     505: b"HTTP Version Not Supported",
 }
+
+
+# The event loop keeps only weak references to tasks; the data path's few tasks (connect,
+# await a filter) are held here until they finish so none is collected mid-flight.
+_TASKS: set[asyncio.Task[None]] = set()
+
+
+def _spawn(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> None:
+    task = loop.create_task(coro)
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
 
 
 def raw_error(status: int, message: str, request_id: bytes, *, retry_after: int = 0) -> bytes:
@@ -688,7 +699,7 @@ class Exchange:
                 if isinstance(decision, ProxyError):
                     self.fail(decision)
                 else:  # a filter must wait (Redis, JWKS): finish in a task
-                    gw.loop.create_task(self._await_filters(decision))
+                    _spawn(gw.loop, self._await_filters(decision))
                 return
         self.forward()
 
@@ -720,7 +731,7 @@ class Exchange:
             self.target = first
             self.attach(conn, reused=True)
             return
-        gw.loop.create_task(self._connect(balancer.failover_order(first), reserved=may_connect))
+        _spawn(gw.loop, self._connect(balancer.failover_order(first), reserved=may_connect))
 
     async def _connect(self, candidates: list[Target], *, reserved: bool) -> None:
         """Open (or wait for) a connection, failing over to the next target on connect
@@ -915,7 +926,7 @@ class Exchange:
             self._detach_upstream(reusable=False)
             self.conn.gateway.metrics.inc("fastedge_upstream_retries_total")
             assert self.target is not None
-            self.conn.gateway.loop.create_task(self._connect([self.target], reserved=False))
+            _spawn(self.conn.gateway.loop, self._connect([self.target], reserved=False))
             return
         self._upstream_failed(
             ProxyError(

@@ -16,13 +16,14 @@ Lifecycle, as ordered steps (the uvicorn way):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
 import signal
 import socket
 import ssl
-from typing import Any, cast
+from typing import Any, Literal, cast
 from urllib.parse import parse_qs
 
 from fastedge.admin.api import AdminError, AdminRequest, AdminResponse
@@ -53,7 +54,11 @@ class ProxyServer:
         config_path: str | None = None,
         admin_token: str | None = None,
         sock: socket.socket | None = None,
+        http_override: str | None = None,
     ) -> None:
+        # `fastedge run --http X` beats the file's server.http, on every reload too.
+        self.http_override = http_override
+        config = self._with_overrides(config)
         self.config = config
         self.config_path = config_path
         self.metrics = metrics or Metrics()
@@ -163,6 +168,7 @@ class ProxyServer:
                     log.warning("reload requested but the config did not come from a file")
                     return False
                 config = load_config(self.config_path)
+            config = self._with_overrides(config)
             if redis_url(config) != self.runtime.redis_url:
                 log.warning("[redis] changed: takes effect on restart")
             if config.sections.get("tracing") != self.config.sections.get("tracing"):
@@ -194,6 +200,13 @@ class ProxyServer:
         self.metrics.inc("fastedge_config_reloads_total", (("result", "success"),))
         log.info("config reloaded (%d routes)", len(config.routes))
         return True
+
+    def _with_overrides(self, config: Config) -> Config:
+        if self.http_override is None or config.server.http == self.http_override:
+            return config
+        http = cast("Literal['auto', 'h11', 'fast']", self.http_override)  # argparse choices
+        server = dataclasses.replace(config.server, http=http)
+        return dataclasses.replace(config, server=server)
 
     def _retire(self, gw: Gateway) -> None:
         if gw in self._retired:
@@ -344,9 +357,11 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-async def serve(config: Config, *, config_path: str | None = None) -> int:
+async def serve(
+    config: Config, *, config_path: str | None = None, http_override: str | None = None
+) -> int:
     """Run a server until SIGTERM/SIGINT; the ``fastedge run`` main loop."""
-    server = ProxyServer(config, config_path=config_path)
+    server = ProxyServer(config, config_path=config_path, http_override=http_override)
     await server.start()
     tune_gc()
     server.install_signal_handlers()
