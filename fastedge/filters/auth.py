@@ -39,6 +39,7 @@ import contextlib
 import hashlib
 import inspect
 import logging
+import math
 import os
 import re
 import time
@@ -685,14 +686,25 @@ def _token_header(token: str) -> dict[str, Any] | None:
 
 
 def _numeric(value: object) -> bool:
-    # RFC 7519 §2 NumericDate: a JSON number (fractions allowed); booleans are not.
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    # RFC 7519 §2 NumericDate: a JSON number (fractions allowed); booleans are not. NaN
+    # and infinities (Python's JSON reader accepts them) and numbers beyond the float
+    # range are not dates: NaN compares false both ways and would never expire.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        number = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(number)
 
 
 def _header_value(value: object) -> bytes | None:
     """A claim rendered as a field value, or ``None`` if it cannot travel safely."""
     if isinstance(value, str):
-        data = value.encode()
+        try:
+            data = value.encode()
+        except UnicodeEncodeError:  # a lone surrogate from the JSON payload
+            return None
     else:
         try:  # numbers, booleans, arrays and objects travel as compact JSON
             data = orjson.dumps(value)
