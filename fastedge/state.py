@@ -39,6 +39,7 @@ Every Redis operation is bounded by ``timeout``; a refused, reset or slow Redis 
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import random
@@ -90,17 +91,17 @@ POLL_MIN: Final = 0.002
 POLL_MAX: Final = 0.05
 
 
-class _Coordinator:
+class _Coordinator(abc.ABC):
     """The lock-waiting loop shared by both implementations."""
 
+    @abc.abstractmethod
     async def try_acquire(self, key: str, ttl: float) -> LockToken | None:
         """Take ``key`` for ``ttl`` seconds if it is free (or its holder expired)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def release(self, token: LockToken) -> bool:
         """Free ``token``'s lock if it still holds it; ``False`` otherwise (expired and
         possibly taken over: someone else's lock is never freed)."""
-        raise NotImplementedError
 
     async def _wait_for_change(self, key: str, delay: float) -> None:
         await asyncio.sleep(delay)
