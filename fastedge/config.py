@@ -195,6 +195,9 @@ class UpstreamConfig:
     tls_verify: bool = True
     tls_server_name: str | None = None  # None = the target's host (SNI + verification)
     host_header: str | None = None  # None = pass the client's Host through
+    hash_key: str = "ip"
+    # consistent_hash only: what a request's affinity key is — "ip", "path",
+    # "header:NAME", "cookie:NAME" or "claim:NAME" (a verified JWT claim; else the IP).
 
 
 @dataclass(frozen=True, slots=True)
@@ -900,6 +903,16 @@ def _pool(ctx: _Context, path: str, value: object) -> Any:
     return _build(_read_table(ctx, path, value, _POOL_SCHEMA), PoolConfig)
 
 
+def _hash_key(value: object) -> str:
+    text = _string(value)
+    kind, _, arg = text.partition(":")
+    if text in ("ip", "path") or (kind in ("header", "cookie", "claim") and arg):
+        return text.lower() if kind == "header" else text
+    raise ValueError(
+        f"expected 'ip', 'path', 'header:NAME', 'cookie:NAME' or 'claim:NAME', got {_show(text)}"
+    )
+
+
 _UPSTREAM_SCHEMA: Final[_Schema] = {
     "targets": _Key(_targets, required=True),
     "balance": _Key(_field(_choice("round_robin", "least_conn", "p2c_ewma", "consistent_hash"))),
@@ -908,6 +921,7 @@ _UPSTREAM_SCHEMA: Final[_Schema] = {
     "tls_verify": _Key(_field(_boolean)),
     "tls_server_name": _Key(_field(_hostname_value)),
     "host_header": _Key(_field(_host_and_port)),
+    "hash_key": _Key(_field(_hash_key)),
 }
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -917,6 +931,9 @@ def _upstream(ctx: _Context, path: str, name: str, value: object) -> Any:
     table = _read_table(ctx, path, value, _UPSTREAM_SCHEMA)
     if table is None:
         return _INVALID
+    if "hash_key" in table.values and table.values.get("balance") != "consistent_hash":
+        table.complete = False
+        ctx.error(_join(path, "hash_key"), "only used with balance = 'consistent_hash'")
     targets: tuple[TargetConfig, ...] | None = table.values.get("targets")
     if targets is not None and not any(t.scheme == "https" for t in targets):
         # TLS settings without an https target would be silently ignored.

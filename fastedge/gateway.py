@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import random
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -21,6 +22,7 @@ from fastedge.observe.metrics import Metrics
 from fastedge.observe.tracing import Tracer
 from fastedge.router import Route, Router
 from fastedge.upstream.balancer import SmoothRoundRobin
+from fastedge.upstream.balancers import ConsistentHash, LeastConnections, PowerOfTwoEWMA
 from fastedge.upstream.pool import ConnectionPool
 
 if TYPE_CHECKING:
@@ -85,15 +87,38 @@ class Target:
 class Upstream:
     """A named group of targets with a balancer."""
 
-    __slots__ = ("balancer", "host_header", "name", "response_timeout", "targets")
+    __slots__ = (
+        "balance",
+        "balancer",
+        "hash_key",
+        "host_header",
+        "keyed",
+        "load_aware",
+        "name",
+        "response_timeout",
+        "targets",
+    )
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.name = cfg.name
         ctx = _client_ssl_context(cfg) if any(t.scheme == "https" for t in cfg.targets) else None
         self.targets = [Target(t, cfg, ctx if t.scheme == "https" else None) for t in cfg.targets]
-        self.balancer: SmoothRoundRobin[Target] = SmoothRoundRobin(
-            self.targets, [t.weight for t in self.targets]
-        )
+        weights = [t.weight for t in self.targets]
+        self.balance = cfg.balance
+        self.hash_key = cfg.hash_key
+        # round_robin needs no per-request bookkeeping; the others count requests in
+        # flight (acquire at send, release when the exchange lets go of the connection).
+        self.load_aware = cfg.balance != "round_robin"
+        self.keyed = cfg.balance == "consistent_hash"  # candidates depend on a request key
+        self.balancer: Any
+        if cfg.balance == "least_conn":
+            self.balancer = LeastConnections(self.targets, weights)
+        elif cfg.balance == "p2c_ewma":
+            self.balancer = PowerOfTwoEWMA(self.targets, random.Random())
+        elif cfg.balance == "consistent_hash":
+            self.balancer = ConsistentHash(self.targets, weights, name=_target_name)
+        else:
+            self.balancer = SmoothRoundRobin(self.targets, weights)
         self.host_header = cfg.host_header.encode() if cfg.host_header else None
         self.response_timeout = cfg.pool.response_timeout
 
@@ -101,6 +126,10 @@ class Upstream:
         """Close every target's idle connections."""
         for target in self.targets:
             target.pool.close()
+
+
+def _target_name(target: Target) -> str:
+    return target.name
 
 
 def _client_ssl_context(cfg: UpstreamConfig) -> ssl.SSLContext:

@@ -67,4 +67,5 @@ cdef class Exchange:
     cdef public object span
     cdef public double up_start
     cdef public double last_up_activity
+    cdef public object load_target
     cdef public object _timer

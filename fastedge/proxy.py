@@ -94,6 +94,18 @@ def _spawn(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> 
     task.add_done_callback(_TASKS.discard)
 
 
+def _cookie(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The value of cookie ``name`` from the request's Cookie fields (RFC 6265 §5.4)."""
+    for field, value in headers:
+        if field != b"cookie":
+            continue
+        for pair in value.split(b";"):
+            key, sep, val = pair.strip().partition(b"=")
+            if sep and key == name:
+                return val
+    return None
+
+
 def raw_error(status: int, message: str, request_id: bytes, *, retry_after: int = 0) -> bytes:
     """A complete ``Connection: close`` error response built without a codec.
 
@@ -533,6 +545,7 @@ class Exchange:
         "head",
         "keep_alive",
         "last_up_activity",
+        "load_target",
         "needs_host",
         "pending",
         "pending_bytes",
@@ -586,6 +599,7 @@ class Exchange:
         self.span: Span | None = None
         self.up_start = 0.0
         self.last_up_activity = 0.0
+        self.load_target: Target | None = None  # counted in flight by the balancer
         self._timer: asyncio.TimerHandle | None = None
 
     # --- request side -----------------------------------------------------------------
@@ -725,13 +739,38 @@ class Exchange:
         # The common case (an idle pooled connection to the balancer's pick) stays
         # synchronous; only connecting or waiting needs a task.
         balancer = upstream.balancer
-        first = balancer.pick()
+        order: list[Target] | None = None
+        if upstream.keyed:  # consistent hashing: the key decides, with bounded load
+            order = balancer.candidates(self._affinity_key(upstream.hash_key))
+            first = order[0]
+        else:
+            first = balancer.pick()
         conn, may_connect = first.pool.acquire_idle()
         if conn is not None:
             self.target = first
             self.attach(conn, reused=True)
             return
-        _spawn(gw.loop, self._connect(balancer.failover_order(first), reserved=may_connect))
+        if order is None:
+            order = balancer.failover_order(first)
+        _spawn(gw.loop, self._connect(order, reserved=may_connect))
+
+    def _affinity_key(self, spec: str) -> bytes:
+        """The request's consistent-hash key (``hash_key``); the client IP when absent."""
+        head = self.head
+        value: bytes | None = None
+        if spec == "path":
+            value = head.target.partition(b"?")[0]
+        elif spec != "ip":
+            kind, _, name = spec.partition(":")
+            if kind == "header":
+                wanted = name.encode("latin-1")
+                value = next((v for n, v in head.headers if n == wanted), None)
+            elif kind == "cookie":
+                value = _cookie(head.headers, name.encode("latin-1"))
+            elif kind == "claim" and self.fctx is not None and self.fctx.claims:
+                claim = self.fctx.claims.get(name)
+                value = None if claim is None else str(claim).encode()
+        return value or self.conn.client_ip
 
     async def _connect(self, candidates: list[Target], *, reserved: bool) -> None:
         """Open (or wait for) a connection, failing over to the next target on connect
@@ -780,6 +819,10 @@ class Exchange:
         self.up = conn
         self.reused = reused
         conn.exchange = self
+        upstream = self.upstream
+        if upstream is not None and upstream.load_aware and self.target is not None:
+            upstream.balancer.acquire(self.target)
+            self.load_target = self.target
         # Recycle the connection's last codec (and its parser) when the engine can.
         self.cc = cc = conn.codec = gw.engine.client(head.method, conn.codec)
         if self.needs_host and self.target is not None:
@@ -974,6 +1017,7 @@ class Exchange:
         up_rest = self.cc.upgraded()
         up.exchange = None
         self.up = None
+        self._release_load()
         self.finished = True
         self.conn.exchange = None
         self.conn.queue.clear()
@@ -1090,7 +1134,19 @@ class Exchange:
             self._timer.cancel()
             self._timer = None
 
+    def _release_load(self) -> None:
+        """End this exchange's in-flight count on a load-aware balancer (exactly once)."""
+        target = self.load_target
+        if target is None or self.upstream is None:
+            return
+        self.load_target = None
+        balancer = self.upstream.balancer
+        balancer.release(target)
+        if self.upstream.balance == "p2c_ewma":
+            balancer.observe(target, time.perf_counter() - self.up_start)
+
     def _detach_upstream(self, *, reusable: bool) -> None:
+        self._release_load()
         up = self.up
         if up is None:
             return

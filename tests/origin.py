@@ -31,6 +31,7 @@ import httptools
 
 CHUNK = 64 * 1024
 _BLOCK = bytes(range(256)) * (CHUNK // 256)
+PORT = 0  # this process's listening port, sent as X-Origin-Port (which target answered)
 
 
 class OriginProtocol(asyncio.Protocol):
@@ -114,7 +115,7 @@ class OriginProtocol(asyncio.Protocol):
     # responses
     def send(self, status: int, body: bytes, headers: list[tuple[str, str]] | None = None) -> None:
         assert self.transport is not None
-        head = [f"HTTP/1.1 {status} X"]
+        head = [f"HTTP/1.1 {status} X", f"x-origin-port: {PORT}"]
         for n, v in headers or []:
             head.append(f"{n}: {v}")
         if status not in (204, 304) and not (100 <= status < 200):
@@ -211,7 +212,8 @@ async def serve(port: int) -> None:
     """Serve on 127.0.0.1:``port`` until killed; print the bound port."""
     loop = asyncio.get_running_loop()
     server = await loop.create_server(OriginProtocol, "127.0.0.1", port)
-    bound = server.sockets[0].getsockname()[1]
+    global PORT
+    bound = PORT = server.sockets[0].getsockname()[1]
     print(f"PORT {bound}", flush=True)
     async with server:
         await server.serve_forever()
