@@ -32,8 +32,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT = 15.0  # per request; a stuck request is an error, not a hang
@@ -298,7 +300,21 @@ def growth(before: float, after: float) -> float:
     return 0.0 if before <= 0 else (after - before) / before * 100.0
 
 
-def summarise(stats: Stats, samples: list[Sample], duration: float) -> int:
+class Counts(Protocol):
+    """What a soak run's summary needs from its statistics."""
+
+    requests: int
+    errors: int
+    kinds: Counter[str]
+    error_kinds: Counter[str]
+
+
+def summarise(
+    stats: Counts, samples: list[Sample], duration: float, details: Sequence[str] = ()
+) -> int:
+    """Print the run's summary and return the exit status: 1 on any error or on RSS/FD
+    growth of ``GROWTH_LIMIT`` % or more after warm-up (the first 20% of the run).
+    ``details`` are extra lines printed after the request count."""
     warm = [s for s in samples if s.t >= duration * 0.2]
     if len(warm) < 2 * WINDOW:
         # Too short a run to compare two windows; compare single samples.
@@ -312,7 +328,10 @@ def summarise(stats: Stats, samples: list[Sample], duration: float) -> int:
     rss_growth, fd_growth = growth(rss0, rss1), growth(fd0, fd1)
     rate = stats.requests / duration if duration else 0.0
     print(f"duration      {duration:.0f} s, {len(samples)} samples")
-    print(f"requests      {stats.requests} ({rate:.0f}/s)  mix: {dict(stats.kinds)}")
+    print(f"requests      {stats.requests} ({rate:.0f}/s)")
+    print(f"mix           {dict(sorted(stats.kinds.items()))}")
+    for line in details:
+        print(line)
     print(f"errors        {stats.errors}  {dict(stats.error_kinds) if stats.errors else ''}")
     print(f"rss (KiB)     warm-up end {rss0:.0f}  end {rss1:.0f}  growth {rss_growth:+.1f}%")
     print(f"open fds      warm-up end {fd0:.0f}  end {fd1:.0f}  growth {fd_growth:+.1f}%")

@@ -32,7 +32,6 @@ import base64
 import contextlib
 import json
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,16 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.soak import (
-    GROWTH_LIMIT,
     REQUEST_TIMEOUT,
-    WINDOW,
     BadResponse,
     Sample,
-    growth,
     read_response,
     sample,
     stop,
 )
+from bench.soak import summarise as soak_summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 USERS = ("alice", "bob")
@@ -290,27 +287,9 @@ async def drive(
 
 
 def summarise(stats: Stats, samples: list[Sample], duration: float) -> int:
-    warm = [s for s in samples if s.t >= duration * 0.2]
-    if len(warm) < 2 * WINDOW:
-        first, last = warm[:1] or samples[:1], warm[-1:] or samples[-1:]
-    else:
-        first, last = warm[:WINDOW], warm[-WINDOW:]
-    rss0 = statistics.median(s.rss_kib for s in first)
-    rss1 = statistics.median(s.rss_kib for s in last)
-    fd0 = statistics.median(s.fds for s in first)
-    fd1 = statistics.median(s.fds for s in last)
-    rss_growth, fd_growth = growth(rss0, rss1), growth(fd0, fd1)
-    rate = stats.requests / duration if duration else 0.0
-    print(f"duration      {duration:.0f} s, {len(samples)} samples")
-    print(f"requests      {stats.requests} ({rate:.0f}/s)")
-    print(f"mix           {dict(sorted(stats.kinds.items()))}")
-    print(f"statuses      {dict(sorted(stats.statuses.items()))}  (429 and 401 are expected)")
-    print(f"errors        {stats.errors}  {dict(stats.error_kinds) if stats.errors else ''}")
-    print(f"rss (KiB)     warm-up end {rss0:.0f}  end {rss1:.0f}  growth {rss_growth:+.1f}%")
-    print(f"open fds      warm-up end {fd0:.0f}  end {fd1:.0f}  growth {fd_growth:+.1f}%")
-    ok = stats.errors == 0 and rss_growth < GROWTH_LIMIT and fd_growth < GROWTH_LIMIT
-    print("result        " + ("ok" if ok else "FAIL"))
-    return 0 if ok else 1
+    """The shared soak verdict, with this run's status counts (429/401 are expected)."""
+    statuses = f"statuses      {dict(sorted(stats.statuses.items()))}  (429 and 401 are expected)"
+    return soak_summarise(stats, samples, duration, [statuses])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import http.client
 from collections.abc import AsyncIterator
-from email.message import Message
 from typing import Any
 
 import orjson
@@ -14,36 +11,10 @@ import pytest
 from fastedge.admin import AdminError, AdminRequest, AdminResponse, AdminServer, Handler
 from fastedge.minihttp import Limits
 from fastedge.observe.metrics import Metrics
+from tests.conftest import call
 from tests.test_metrics import check_histogram, parse_exposition
 
 TOKEN = "s3cret-token"
-
-
-def _call(
-    port: int,
-    method: str,
-    path: str,
-    headers: dict[str, str] | None = None,
-    body: bytes | None = None,
-) -> tuple[int, Message, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.headers, resp.read()
-    finally:
-        conn.close()
-
-
-async def call(
-    port: int,
-    method: str,
-    path: str,
-    headers: dict[str, str] | None = None,
-    body: bytes | None = None,
-) -> tuple[int, Message, bytes]:
-    """One request with the stdlib client, in a thread so the server keeps running."""
-    return await asyncio.to_thread(_call, port, method, path, headers, body)
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

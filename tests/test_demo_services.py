@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 from collections.abc import AsyncIterator
-from email.message import Message
 
 import h11
 import jwt
@@ -20,35 +18,9 @@ from fastedge.demo_services import (
     start_demo_services,
 )
 from fastedge.minihttp import Limits, Request, Response, start_server
+from tests.conftest import call
 
 SECRET = "demo-secret-of-at-least-32-bytes!"
-
-
-def _call(
-    port: int,
-    method: str,
-    path: str,
-    headers: dict[str, str] | None = None,
-    body: bytes | None = None,
-) -> tuple[int, Message, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.headers, resp.read()
-    finally:
-        conn.close()
-
-
-async def call(
-    port: int,
-    method: str,
-    path: str,
-    headers: dict[str, str] | None = None,
-    body: bytes | None = None,
-) -> tuple[int, Message, bytes]:
-    """One request with the stdlib client, in a thread so the server keeps running."""
-    return await asyncio.to_thread(_call, port, method, path, headers, body)
 
 
 async def raw_exchange(port: int, data: bytes) -> list[tuple[h11.Response, bytes]]:
