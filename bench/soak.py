@@ -32,10 +32,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT = 15.0  # per request; a stuck request is an error, not a hang
@@ -269,27 +269,49 @@ async def worker(port: int, deadline: float, seed: int, stats: Stats) -> None:
                 await writer.wait_closed()
 
 
-async def drive(
-    port: int, pid: int, duration: float, connections: int
-) -> tuple[Stats, list[Sample]]:
-    stats = Stats()
+S = TypeVar("S")
+
+
+async def drive_load(
+    pid: int,
+    duration: float,
+    connections: int,
+    stats: S,
+    worker: Callable[[float, int, S], Coroutine[Any, Any, None]],
+    grace: float,
+) -> list[Sample]:
+    """Run ``connections`` workers until ``duration`` ends, sampling ``pid`` each second.
+
+    ``worker(deadline, seed, stats)`` loops until the deadline; ``grace`` bounds how long
+    the last requests may take after it (then they are cancelled).
+    """
     samples: list[Sample] = []
     loop = asyncio.get_running_loop()
     start = loop.time()
     deadline = start + duration
-    tasks = [
-        asyncio.create_task(worker(port, deadline, seed, stats)) for seed in range(connections)
-    ]
+    tasks = [asyncio.create_task(worker(deadline, seed, stats)) for seed in range(connections)]
     try:
         while loop.time() < deadline:
             samples.append(sample(pid, loop.time() - start))
             await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
         # Workers stop at the deadline after their current request (bounded by its timeout).
-        await asyncio.wait_for(asyncio.gather(*tasks), REQUEST_TIMEOUT + 5)
+        await asyncio.wait_for(asyncio.gather(*tasks), grace)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    return samples
+
+
+async def drive(
+    port: int, pid: int, duration: float, connections: int
+) -> tuple[Stats, list[Sample]]:
+    stats = Stats()
+
+    async def run(deadline: float, seed: int, stats: Stats) -> None:
+        await worker(port, deadline, seed, stats)
+
+    samples = await drive_load(pid, duration, connections, stats, run, REQUEST_TIMEOUT + 5)
     return stats, samples
 
 

@@ -44,8 +44,8 @@ from bench.soak import (
     REQUEST_TIMEOUT,
     BadResponse,
     Sample,
+    drive_load,
     read_response,
-    sample,
     stop,
 )
 from bench.soak import summarise as soak_summarise
@@ -263,23 +263,12 @@ async def drive(
     port: int, pid: int, duration: float, connections: int
 ) -> tuple[Stats, list[Sample]]:
     stats = Stats()
-    samples: list[Sample] = []
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    deadline = start + duration
-    tasks = [
-        asyncio.create_task(worker(port, deadline, seed, stats)) for seed in range(connections)
-    ]
-    try:
-        while loop.time() < deadline:
-            samples.append(sample(pid, loop.time() - start))
-            await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
-        # Workers stop at the deadline after their current exchange (bounded by its timeout).
-        await asyncio.wait_for(asyncio.gather(*tasks), 2 * REQUEST_TIMEOUT + 5)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def run(deadline: float, seed: int, stats: Stats) -> None:
+        await worker(port, deadline, seed, stats)
+
+    # An exchange here may be a token request then the authorized one: two timeouts.
+    samples = await drive_load(pid, duration, connections, stats, run, 2 * REQUEST_TIMEOUT + 5)
     return stats, samples
 
 

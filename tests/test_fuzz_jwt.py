@@ -36,7 +36,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
@@ -47,7 +46,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
@@ -56,23 +55,7 @@ from fastedge.errors import ProxyError
 from fastedge.filters import FilterContext, Runtime
 from fastedge.filters.auth import AuthFilter, AuthPolicies, AuthState, convert_auth_section
 from fastedge.observe.metrics import Metrics
-
-settings.register_profile(
-    "long",
-    max_examples=20_000,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-# Applied per test, like tests/test_fuzz.py, so other Hypothesis tests keep their budgets.
-FUZZ = (
-    settings(settings.get_profile("long"))
-    if os.environ.get("HYPOTHESIS_PROFILE") == "long"
-    else settings(
-        max_examples=200,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-)
+from tests.test_fuzz import FUZZ  # the shared budget; HYPOTHESIS_PROFILE=long scales it
 
 SECRET = "fastedge-fuzz-secret-0123456789-abcdefghijkl"  # >= 32 bytes for HS256
 OTHER_SECRET = "another-fuzz-secret-that-is-long-enough-for-hs256"
