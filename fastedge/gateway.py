@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from fastedge.config import Config, TargetConfig, UpstreamConfig
-from fastedge.filters import Runtime, build_route_filters
+from fastedge.errors import Kind, ProxyError
+from fastedge.filters import Response, Runtime, build_route_filters
 from fastedge.http.engine import Engine, Limits, get_engine
 from fastedge.observe.logging import AccessLog
 from fastedge.observe.metrics import Metrics
@@ -95,7 +96,9 @@ class Upstream:
         "keyed",
         "load_aware",
         "name",
+        "resilient",
         "response_timeout",
+        "retry_statuses",
         "targets",
     )
 
@@ -121,6 +124,70 @@ class Upstream:
             self.balancer = SmoothRoundRobin(self.targets, weights)
         self.host_header = cfg.host_header.encode() if cfg.host_header else None
         self.response_timeout = cfg.pool.response_timeout
+        # Health checks, breakers, priority groups or retries configured: the proxy then
+        # asks candidates()/admit()/report()/retry_delay() (see the resilience contract).
+        self.resilient = False
+        self.retry_statuses: frozenset[int] = frozenset()
+
+    # --- the resilience contract (used by the proxy when ``resilient`` is true) ---------
+    def record_request(self) -> None:
+        """One original request arrived (the retry budget's denominator)."""
+
+    def candidates(self, key: bytes | None) -> list[Target]:
+        """Targets for one request in preference order, only those available (healthy,
+        not ejected, breaker not open), the highest-priority group with an available
+        target first. ``key`` is the consistent-hash key when ``keyed``. Empty: none."""
+        if self.keyed and key is not None:
+            return list(self.balancer.candidates(key))
+        first = self.balancer.pick()
+        return list(self.balancer.failover_order(first))
+
+    def admit(self, target: Target) -> int | None:
+        """Ask ``target``'s breaker: a generation to pass to :meth:`report`, or ``None``
+        when it refuses (open, or no half-open probe slot left)."""
+        return 0
+
+    def report(
+        self,
+        target: Target,
+        generation: int,
+        ok: bool,
+        *,
+        status: int = 0,
+        connect_error: bool = False,
+        timeout: bool = False,
+    ) -> None:
+        """The outcome of one attempt on ``target`` (breaker, outlier detection)."""
+
+    def abandon(self, target: Target, generation: int) -> None:
+        """The client left before the attempt on ``target`` had an outcome."""
+
+    def retry_delay(
+        self,
+        method: bytes,
+        attempt: int,
+        *,
+        status: int = 0,
+        connect_error: bool = False,
+        timeout: bool = False,
+    ) -> float | None:
+        """Seconds to wait before another attempt, or ``None`` for no retry.
+
+        ``attempt`` counts the attempts made so far. All flags false means the attempt
+        failed after the request may have reached the upstream (reset, bad response):
+        retry only idempotent methods. Returning a delay spends retry budget.
+        """
+        return None
+
+    def unavailable(self) -> ProxyError | Response | Upstream:
+        """The answer when no target is available: a 503 error (with ``Retry-After``),
+        a static response, or a fallback upstream to send the request to."""
+        return ProxyError(
+            Kind.UNAVAILABLE,
+            "upstream",
+            detail=f"no available target in upstream {self.name!r}",
+            headers=[(b"retry-after", b"1")],
+        )
 
     def close(self) -> None:
         """Close every target's idle connections."""

@@ -69,3 +69,9 @@ cdef class Exchange:
     cdef public double last_up_activity
     cdef public object load_target
     cdef public object _timer
+    cdef public object hooks
+    cdef public int attempt
+    cdef public long gen
+    cdef public object gen_target
+    cdef public object tried
+    cdef public object up_span

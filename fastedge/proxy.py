@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from fastedge.errors import Kind, ProxyError, error_response
-from fastedge.filters import FilterContext
+from fastedge.filters import FilterChain, FilterContext, Response
 from fastedge.http.engine import (
     END,
     ClientCodec,
@@ -47,7 +47,7 @@ from fastedge.http.headers import (
     rewrite_request_headers,
     rewrite_response_headers,
 )
-from fastedge.observe.tracing import Span, StatusCode, Tracer
+from fastedge.observe.tracing import Span, SpanKind, StatusCode, Tracer
 
 if TYPE_CHECKING:
     from fastedge.gateway import Gateway, Target, Upstream
@@ -535,6 +535,7 @@ class Exchange:
 
     __slots__ = (
         "_timer",
+        "attempt",
         "bytes_in",
         "bytes_out",
         "cc",
@@ -542,7 +543,10 @@ class Exchange:
         "error",
         "fctx",
         "finished",
+        "gen",
+        "gen_target",
         "head",
+        "hooks",
         "keep_alive",
         "last_up_activity",
         "load_target",
@@ -561,8 +565,10 @@ class Exchange:
         "start",
         "status",
         "target",
+        "tried",
         "up",
         "up_headers",
+        "up_span",
         "up_start",
         "up_target",
         "upstream",
@@ -601,6 +607,15 @@ class Exchange:
         self.last_up_activity = 0.0
         self.load_target: Target | None = None  # counted in flight by the balancer
         self._timer: asyncio.TimerHandle | None = None
+        # Filters that watch the response body (a cache fill); None: no hooks to call.
+        self.hooks: FilterChain | None = None
+        # Resilient upstreams: attempts made, the breaker generation of the attempt in
+        # flight and its target (None once its outcome was reported), targets tried.
+        self.attempt = 0
+        self.gen = 0
+        self.gen_target: Target | None = None
+        self.tried: list[Target] | None = None
+        self.up_span: Span | None = None  # the upstream call's child span
 
     # --- request side -----------------------------------------------------------------
     def begin(self) -> None:
@@ -707,17 +722,24 @@ class Exchange:
                 upstream_headers=headers,
                 route=route.name,
                 request_id=rid,
+                scheme=self.conn.proto,
+                target=self.up_target,
+                upstream=upstream,
+                upstreams=gw.upstreams,
+                span=span,
             )
             decision = chain.run_request(ctx)
             if decision is not None:
                 if isinstance(decision, ProxyError):
                     self.fail(decision)
+                elif isinstance(decision, Response):
+                    self.respond(decision)
                 else:  # a filter must wait (Redis, JWKS): finish in a task
                     _spawn(gw.loop, self._await_filters(decision))
                 return
         self.forward()
 
-    async def _await_filters(self, pending: Awaitable[ProxyError | None]) -> None:
+    async def _await_filters(self, pending: Awaitable[ProxyError | Response | None]) -> None:
         try:
             decision = await pending
         except Exception:
@@ -725,17 +747,57 @@ class Exchange:
             decision = ProxyError(Kind.INTERNAL, "filter", detail="internal error")
         if self.finished:
             return
-        if decision is not None:
-            self.fail(decision)
-        else:
+        if decision is None:
             self.forward()
+        elif isinstance(decision, Response):
+            self.respond(decision)
+        else:
+            self.fail(decision)
+
+    def respond(self, resp: Response) -> None:
+        """Answer with a filter's :class:`Response` (a cache hit, a batched answer)."""
+        if self.finished:
+            return
+        fctx = self.fctx
+        headers = [(n, v) for n, v in resp.headers if n != b"x-request-id"]
+        if fctx is not None and fctx.response_headers:
+            headers.extend(fctx.response_headers)
+        self._answer(resp.status, resp.reason, headers, resp.body)
+
+    def _use_upstream(self, upstream: Upstream) -> None:
+        """A filter sent the request elsewhere (blue-green, canary): switch upstreams."""
+        old = self.upstream
+        self.upstream = upstream
+        if old is not None and old.host_header == upstream.host_header:
+            return
+        headers = [(n, v) for n, v in self.up_headers if n != b"host"]
+        if upstream.host_header is not None:
+            headers.append((b"host", upstream.host_header))
+        else:
+            client_host = next((v for n, v in self.head.headers if n == b"host"), None)
+            if client_host is not None:
+                headers.append((b"host", client_host))
+            else:
+                self.needs_host = True
+        self.up_headers[:] = headers
 
     def forward(self) -> None:
         """Take an upstream connection and send the request."""
         gw = self.conn.gateway
+        fctx = self.fctx
+        if fctx is not None and fctx.upstream is not self.upstream and fctx.upstream is not None:
+            self._use_upstream(fctx.upstream)
+            if self.span is not None:
+                self.span.set_attribute("fastedge.upstream", fctx.upstream.name)
         upstream = self.upstream
         assert upstream is not None
         self.up_start = time.perf_counter()
+        if upstream.resilient:
+            # Health, breakers, priority groups and retries: decided in a task, since any
+            # attempt may need to wait (connect, backoff).
+            upstream.record_request()
+            _spawn(gw.loop, self._forward_resilient())
+            return
         # The common case (an idle pooled connection to the balancer's pick) stays
         # synchronous; only connecting or waiting needs a task.
         balancer = upstream.balancer
@@ -812,6 +874,143 @@ class Exchange:
         assert last is not None
         self.fail(last)
 
+    # --- resilient upstreams (health checks, breakers, priority groups, retries) -------
+    async def _forward_resilient(self) -> None:
+        """One attempt on a resilient upstream: pick an available target whose breaker
+        admits the request, connect, send; connect failures retry per the policy."""
+        try:
+            await self._attempt_resilient()
+        except Exception:
+            log.exception("internal error while forwarding %s", self.request_id.decode())
+            self.conn.internal_error()
+
+    async def _attempt_resilient(self) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        while not self.finished:
+            key = self._affinity_key(upstream.hash_key) if upstream.keyed else None
+            order = upstream.candidates(key)
+            tried = self.tried
+            if tried:  # a retry goes to a different target when there is one
+                fresh = [t for t in order if t not in tried]
+                if fresh:
+                    order = fresh
+            target: Target | None = None
+            gen = 0
+            for candidate in order:
+                admitted = upstream.admit(candidate)
+                if admitted is not None:
+                    target, gen = candidate, admitted
+                    break
+            if target is None:
+                self._no_target_available(upstream)
+                return
+            self.attempt += 1
+            self.gen = gen
+            self.gen_target = target
+            if self.tried is None:
+                self.tried = []
+            self.tried.append(target)
+            try:
+                conn, reused = await target.pool.acquire()
+            except ProxyError as err:
+                self.conn.gateway.metrics.inc(
+                    "fastedge_upstream_errors_total",
+                    (("upstream", upstream.name), ("kind", err.kind.name.lower())),
+                )
+                self._report(False, connect_error=True)
+                delay = upstream.retry_delay(self.head.method, self.attempt, connect_error=True)
+                if delay is None or self.finished:
+                    self.fail(err)
+                    return
+                self.conn.gateway.metrics.inc("fastedge_upstream_retries_total")
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                continue
+            if self.finished:  # the client left while we connected
+                target.pool.release(conn, True)
+                self._abandon()
+                return
+            self.target = target
+            self.attach(conn, reused=reused)
+            return
+
+    def _no_target_available(self, upstream: Upstream) -> None:
+        """Every target is down, ejected or behind an open breaker."""
+        answer = upstream.unavailable()
+        if isinstance(answer, ProxyError):
+            self.fail(answer)
+        elif isinstance(answer, Response):
+            self.respond(answer)
+        else:  # a fallback upstream takes the request
+            self._use_upstream(answer)
+            if answer.resilient:
+                answer.record_request()
+                self.tried = None
+                _spawn(self.conn.gateway.loop, self._forward_resilient())
+            else:
+                self.up_start = time.perf_counter()
+                first = answer.balancer.pick()
+                _spawn(
+                    self.conn.gateway.loop,
+                    self._connect(answer.balancer.failover_order(first), reserved=False),
+                )
+
+    def _report(
+        self, ok: bool, *, status: int = 0, connect_error: bool = False, timeout: bool = False
+    ) -> None:
+        """Report the outcome of the attempt in flight (once) to its upstream."""
+        target = self.gen_target
+        upstream = self.upstream
+        if target is None or upstream is None or not upstream.resilient:
+            return
+        self.gen_target = None
+        upstream.report(
+            target, self.gen, ok, status=status, connect_error=connect_error, timeout=timeout
+        )
+
+    def _abandon(self) -> None:
+        target = self.gen_target
+        upstream = self.upstream
+        if target is None or upstream is None or not upstream.resilient:
+            return
+        self.gen_target = None
+        upstream.abandon(target, self.gen)
+
+    def _retry_resilient(
+        self, *, status: int = 0, connect_error: bool = False, timeout: bool = False
+    ) -> bool:
+        """After a failed attempt that sent nothing to the client: start another attempt
+        when the upstream's policy and budget allow (True), else False."""
+        upstream = self.upstream
+        if upstream is None or not upstream.resilient or self.response_started:
+            return False
+        if self.head.has_body:
+            return False  # the body was streamed upstream and is gone: cannot resend
+        delay = upstream.retry_delay(
+            self.head.method,
+            self.attempt,
+            status=status,
+            connect_error=connect_error,
+            timeout=timeout,
+        )
+        if delay is None:
+            return False
+        self._cancel_timer()
+        self._end_up_span("retried")
+        self._detach_upstream(reusable=False)
+        self.request_sent = False
+        self.cc = None
+        self.conn.gateway.metrics.inc("fastedge_upstream_retries_total")
+        _spawn(self.conn.gateway.loop, self._retry_later(delay))
+        return True
+
+    async def _retry_later(self, delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if not self.finished:
+            await self._forward_resilient()
+
     def attach(self, conn: UpstreamConnection, *, reused: bool) -> None:
         """Send the request head (and any body received so far) on ``conn``."""
         head = self.head
@@ -828,6 +1027,16 @@ class Exchange:
         if self.needs_host and self.target is not None:
             self.needs_host = False
             self.up_headers.append((b"host", self.target.authority))
+        span = self.span
+        if span is not None and span.recording and self.target is not None:
+            # One CLIENT span per attempt; the upstream sees it as its parent (OTel HTTP
+            # client conventions), so its traceparent replaces the server span's.
+            self.up_span = child = span.child("fastedge.upstream", SpanKind.CLIENT)
+            child.set_attribute("server.address", self.target.host)
+            child.set_attribute("server.port", self.target.port)
+            child.set_attribute("fastedge.attempt", self.attempt or 1)
+            self.up_headers[:] = [(n, v) for n, v in self.up_headers if n not in _TRACE_FIELDS]
+            self.up_headers += Tracer.inject(child)
         parts = [cc.request_head(head.method, self.up_target, self.up_headers)]
         pending = self.pending
         if pending:
@@ -901,9 +1110,14 @@ class Exchange:
             if type(ev) is bytes:
                 self.bytes_out += len(ev)
                 out.append(codec.body(ev))
+                if self.hooks is not None:
+                    self.hooks.response_body(self.fctx, ev)  # type: ignore[arg-type]  # set with fctx
             elif ev is END:
                 out.append(codec.end())
                 self._write_client(out)
+                if self.hooks is not None:
+                    hooks, self.hooks = self.hooks, None
+                    hooks.response_end(self.fctx)  # type: ignore[arg-type]  # set with fctx
                 self._response_end()
                 return
             elif type(ev) is ResponseHead:
@@ -913,8 +1127,16 @@ class Exchange:
                         self._switch_protocols(ev)
                         return
                     continue  # 100/103 from the upstream: ours was sent already, drop
-                self.response_started = True
-                self.status = ev.status
+                if self.gen_target is not None:  # a resilient upstream's attempt
+                    st = ev.status
+                    self._report(st < 500, status=st)
+                    upstream = self.upstream
+                    if (
+                        upstream is not None
+                        and st in upstream.retry_statuses
+                        and self._retry_resilient(status=st)
+                    ):
+                        return
                 headers = rewrite_response_headers(
                     ev.headers,
                     via=gw.via,
@@ -922,8 +1144,22 @@ class Exchange:
                     keep_length=ev.content_length is not None and not ev.chunked,
                 )
                 fctx = self.fctx
-                if fctx is not None and self.route is not None and self.route.filters:
-                    self.route.filters.run_response(fctx, ev.status, headers)
+                chain = self.route.filters if self.route is not None else None
+                if fctx is not None and chain is not None:
+                    replacement = chain.run_response(fctx, ev.status, headers)
+                    if replacement is not None:
+                        # A filter answers instead (a 304 turned into the stored
+                        # response, a stale one for a 5xx): this upstream response is
+                        # not read further.
+                        self._write_client(out)
+                        self._cancel_timer()
+                        self._drop_upstream()
+                        self.respond(replacement)
+                        return
+                    if chain.streams_body:
+                        self.hooks = chain
+                self.response_started = True
+                self.status = ev.status
                 close = self.conn.must_close() or (not self.request_complete and self.head.has_body)
                 if close:
                     self.keep_alive = False
@@ -987,9 +1223,14 @@ class Exchange:
             if type(ev) is bytes:
                 self.bytes_out += len(ev)
                 out.append(codec.body(ev))
+                if self.hooks is not None:
+                    self.hooks.response_body(self.fctx, ev)  # type: ignore[arg-type]  # set with fctx
             elif ev is END:
                 out.append(codec.end())
                 self._write_client(out)
+                if self.hooks is not None:
+                    hooks, self.hooks = self.hooks, None
+                    hooks.response_end(self.fctx)  # type: ignore[arg-type]  # set with fctx
                 self.keep_alive = self.keep_alive and self.response_started
                 self._response_end(reusable=False)
                 return
@@ -1067,6 +1308,8 @@ class Exchange:
         if self.finished:
             return
         self._cancel_timer()
+        self._abandon()
+        self._abort_hooks()
         self._drop_upstream()
         self.error = err.detail or err.kind.value
         conn = self.conn
@@ -1079,9 +1322,33 @@ class Exchange:
             if t is not None:
                 t.abort()
             return
+        fctx = self.fctx
+        if fctx is not None and err.source == "upstream" and self.route is not None:
+            chain = self.route.filters
+            if chain is not None and chain.error_filters:
+                replacement = chain.run_error(fctx, err)
+                if replacement is not None:  # e.g. stale-if-error
+                    self.respond(replacement)
+                    return
         status, headers, body = error_response(
             err, self.request_id.decode(), status=status_override
         )
+        self._answer(status, b"", headers, body)
+
+    def _abort_hooks(self) -> None:
+        hooks = self.hooks
+        if hooks is not None:
+            self.hooks = None
+            hooks.response_abort(self.fctx)  # type: ignore[arg-type]  # set with fctx
+
+    def _answer(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        """Write a complete response produced here (an error or a filter's answer)."""
+        conn = self.conn
+        t = conn.transport
+        if status != 204 and status != 304 and not any(n == b"content-length" for n, _ in headers):
+            headers.append((b"content-length", b"%d" % len(body)))
         headers.append((b"x-request-id", self.request_id))
         self.status = status
         self.response_started = True
@@ -1095,7 +1362,7 @@ class Exchange:
         codec = conn.codec
         if t is not None and not t.is_closing():
             t.write(
-                codec.response_head(status, b"", headers, close=close)
+                codec.response_head(status, reason, headers, close=close)
                 + codec.body(body)
                 + codec.end()
             )
@@ -1104,7 +1371,7 @@ class Exchange:
         if self.request_complete or self.head.has_body:
             self._finish()
 
-    def _upstream_failed(self, err: ProxyError, why: str) -> None:
+    def _upstream_failed(self, err: ProxyError, why: str, *, timeout: bool = False) -> None:
         gw = self.conn.gateway
         if self.upstream is not None:
             gw.metrics.inc(
@@ -1112,6 +1379,10 @@ class Exchange:
                 (("upstream", self.upstream.name), ("kind", err.kind.name.lower())),
             )
         log.debug("upstream failure on %s: %s", self.request_id.decode(), why)
+        if self.gen_target is not None:
+            self._report(False, timeout=timeout)
+            if self._retry_resilient(timeout=timeout):
+                return
         self.fail(err)
 
     def _check_timeout(self) -> None:
@@ -1127,6 +1398,7 @@ class Exchange:
         self._upstream_failed(
             ProxyError(Kind.UPSTREAM_TIMEOUT, "upstream", detail="upstream timed out"),
             "timeout",
+            timeout=True,
         )
 
     def _cancel_timer(self) -> None:
@@ -1147,6 +1419,8 @@ class Exchange:
 
     def _detach_upstream(self, *, reusable: bool) -> None:
         self._release_load()
+        if self.up_span is not None:
+            self._end_up_span(self.error)
         up = self.up
         if up is None:
             return
@@ -1161,12 +1435,26 @@ class Exchange:
     def _drop_upstream(self) -> None:
         self._detach_upstream(reusable=False)
 
+    def _end_up_span(self, error: str | None) -> None:
+        child = self.up_span
+        if child is None:
+            return
+        self.up_span = None
+        if self.status:
+            child.set_attribute("http.response.status_code", self.status)
+        if error or self.status >= 500:
+            child.end_error(error or f"status {self.status}")
+        else:
+            child.end()
+
     def abort_client_gone(self) -> None:
         """The client disconnected mid-exchange: free the upstream side."""
         if self.finished:
             return
         self.finished = True
         self._cancel_timer()
+        self._abandon()
+        self._abort_hooks()
         if not self.response_done:
             self.status = self.status or 499  # nginx's "client closed request"
             self.error = self.error or "client closed connection"

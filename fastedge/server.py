@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import importlib
 import logging
 import os
 import signal
@@ -38,6 +39,11 @@ from fastedge.observe.tracing_config import Tracing, build_tracing
 from fastedge.proxy import ClientConnection
 
 log = logging.getLogger("fastedge.server")
+
+# Admin endpoints owned by feature modules: "module:function" taking the ProxyServer and
+# returning {(method, path pattern): handler} (see fastedge.admin.api). Imported when the
+# admin listener starts, so a feature's module loads only where the admin API runs.
+ADMIN_EXTENSIONS: list[str] = []
 
 _LOOPBACK = ("127.", "::1", "localhost")
 
@@ -134,7 +140,7 @@ class ProxyServer:
                 ready=lambda: self._ready,
                 config_view=lambda: redacted(self.config),
                 token=token,
-                extra_routes={("GET", "/traces"): self._traces},
+                extra_routes=self._admin_routes(),
             )
             await self._admin.start()
         self._ready = True
@@ -265,6 +271,17 @@ class ProxyServer:
             self.loop.add_signal_handler(
                 sig, lambda: self.loop.create_task(self.shutdown()) and None
             )
+
+    def _admin_routes(self) -> dict[tuple[str, str], Any]:
+        routes: dict[tuple[str, str], Any] = {("GET", "/traces"): self._traces}
+        for spec in ADMIN_EXTENSIONS:
+            module, _, name = spec.partition(":")
+            provider = getattr(importlib.import_module(module), name)
+            for key, handler in provider(self).items():
+                if key in routes:
+                    raise ValueError(f"admin route {key} registered twice")
+                routes[key] = handler
+        return routes
 
     async def _traces(self, request: AdminRequest) -> AdminResponse:
         """Admin ``GET /traces[?limit=N&trace_id=ID]``: the most recent spans."""

@@ -63,9 +63,13 @@ async def test_caller_trace_is_continued_and_recorded(
         assert sent.span_id != CALLER.split("-")[2]  # our span is the upstream's parent
         assert [v for n, v in doc["headers"] if n.lower() == "tracestate"] == ["vendor=1"]
         assert server.tracing is not None and server.tracing.sink is not None
-        (span,) = server.tracing.sink.recent(10)
-        assert span["name"] == "GET api"
-        assert span["trace_id"] == sent.trace_id and span["span_id"] == sent.span_id
+        spans = {s["name"]: s for s in server.tracing.sink.recent(10)}
+        assert set(spans) == {"GET api", "fastedge.upstream"}
+        span, client = spans["GET api"], spans["fastedge.upstream"]
+        # the upstream's parent is our CLIENT span, a child of our SERVER span
+        assert client["trace_id"] == sent.trace_id and client["span_id"] == sent.span_id
+        assert client["parent_span_id"] == span["span_id"]
+        assert span["trace_id"] == sent.trace_id
         assert span["parent_span_id"] == CALLER.split("-")[2]
         attrs = span["attributes"]
         assert attrs["http.route"] == "api" and attrs["http.response.status_code"] == 200
@@ -74,7 +78,9 @@ async def test_caller_trace_is_continued_and_recorded(
         admin = await Client.open(server.admin_port or 0)
         await admin.send(get("/traces?limit=5", extra="Authorization: Bearer t\r\n"))
         listed = json.loads((await admin.read_response()).body)["spans"]
-        assert [s["span_id"] for s in listed] == [span["span_id"]]
+        assert sorted(s["span_id"] for s in listed) == sorted(
+            [span["span_id"], client["span_id"]]
+        )
         await admin.close()
     finally:
         await server.shutdown(drain_timeout=1)
@@ -114,8 +120,10 @@ async def test_spans_are_exported_over_otlp(
     finally:
         await server.shutdown(drain_timeout=1)  # flushes the exporter
     await asyncio.wait_for(receiver.arrived.wait(), 5)
-    (span,) = receiver.spans()
-    assert span["traceId"] == trace_id and span["name"] == "GET api"
+    spans = {s["name"]: s for s in receiver.spans()}
+    assert set(spans) == {"GET api", "fastedge.upstream"}  # flushed together at shutdown
+    assert spans["GET api"]["traceId"] == trace_id
+    assert spans["fastedge.upstream"]["parentSpanId"] == spans["GET api"]["spanId"]
 
 
 async def test_without_tracing_no_traceparent_is_added(origin_port: int, engine_name: str) -> None:

@@ -9,7 +9,22 @@ filter implements only the phases it needs:
   ``Retry-After``); it may instead return an awaitable of either (a Redis round trip, a
   JWKS refresh). Synchronous answers keep the request on the proxy's fast callback path;
   only an awaitable costs a task.
-* ``on_response(ctx, status, headers)`` may append response headers (``RateLimit``).
+  A filter may also answer with a :class:`Response` (a cache hit, a batched answer),
+  or an awaitable of one.
+* ``on_response(ctx, status, headers)`` may append response headers (``RateLimit``), or
+  return a :class:`Response` that *replaces* the upstream's (a cache turning a 304 into
+  the stored answer, or a 5xx into a stale one); the proxy then drops the upstream
+  connection and sends the replacement.
+* ``on_response_body(ctx, chunk)``, ``on_response_end(ctx)``, ``on_response_abort(ctx)``
+  see the upstream's body as it streams to the client (a cache fill); they run only for
+  chains that have such a filter. ``abort`` means the response did not complete.
+* ``on_error(ctx, err)`` may return a :class:`Response` to send instead of the error
+  answer for an upstream failure (stale-if-error), as long as nothing was sent yet.
+
+Filters that must talk to the upstream themselves (background revalidation, batch
+calls) find the route's upstream in ``ctx.upstream`` and every upstream of this config
+generation in ``ctx.upstreams``. A filter that sets ``ctx.upstream`` to another
+upstream (blue-green, canary) redirects the request there; later filters see the choice.
 
 Chains are built once per config load (``build_route_filters``): a route without policies
 has no chain at all, so a disabled feature costs nothing per request.
@@ -23,7 +38,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
@@ -33,11 +49,39 @@ if TYPE_CHECKING:
     from fastedge.config import Config, RouteConfig
     from fastedge.observe.metrics import Metrics
 
-Headers: TypeAlias = list[tuple[bytes, bytes]]
-Decision: TypeAlias = ProxyError | None
+_log = logging.getLogger("fastedge.filters")
 
-# Phase order across features: who the caller is comes before how often they may call.
-FILTER_ORDER: tuple[str, ...] = ("auth", "rate_limit")
+Headers: TypeAlias = list[tuple[bytes, bytes]]
+
+
+class Response:
+    """A complete answer produced by a filter instead of the upstream's.
+
+    ``headers`` are end-to-end fields (lower-case names); the proxy adds framing
+    (``content-length`` when absent), ``x-request-id`` and ``ctx.response_headers``.
+    ``body`` is sent as given (nothing for HEAD, 204 and 304).
+    """
+
+    __slots__ = ("body", "headers", "reason", "status")
+
+    def __init__(
+        self, status: int, headers: Headers, body: bytes = b"", reason: bytes = b""
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.reason = reason
+
+
+Decision: TypeAlias = ProxyError | None
+"""What a policy filter (auth, limits) decides: continue, or refuse with an error."""
+Answer: TypeAlias = ProxyError | Response | None
+"""What any filter may return from ``on_request``: a decision or a whole response."""
+
+# Phase order across features: who the caller is comes before how often they may call;
+# then where the request goes (traffic splits and flags), then whether it needs to go at
+# all (cache), then how it goes (batching).
+FILTER_ORDER: tuple[str, ...] = ("auth", "rate_limit", "traffic", "flags", "cache", "batch")
 
 # Route key -> "module:function" with the signature of FilterBuilder.
 FILTER_BUILDERS: dict[str, str] = {
@@ -60,8 +104,13 @@ class FilterContext:
         "request_id",
         "response_headers",
         "route",
+        "scheme",
+        "span",
         "state",
+        "target",
+        "upstream",
         "upstream_headers",
+        "upstreams",
         "user",
     )
 
@@ -77,6 +126,11 @@ class FilterContext:
         upstream_headers: Headers,
         route: str,
         request_id: bytes,
+        scheme: bytes = b"http",
+        target: bytes = b"",
+        upstream: Any = None,
+        upstreams: Mapping[str, Any] | None = None,
+        span: Any = None,
     ) -> None:
         self.method = method
         self.path = path
@@ -91,6 +145,12 @@ class FilterContext:
         self.claims: dict[str, Any] | None = None  # set by auth: verified JWT claims
         self.response_headers: Headers = []  # appended to the final response
         self.state: dict[str, Any] = {}  # per-request scratch space shared by filters
+        self.scheme = scheme  # how the client reached us: b"http" or b"https"
+        self.target = target  # the request-target sent upstream (path and query)
+        # fastedge.gateway.Upstream: where the request goes; a filter may replace it.
+        self.upstream = upstream
+        self.upstreams: Mapping[str, Any] = upstreams or {}  # by name, this generation
+        self.span = span  # the request's tracing span (None when not traced)
 
     def header(self, name: bytes) -> bytes | None:
         """The client's first field named ``name`` (lower-case), or ``None``."""
@@ -114,7 +174,7 @@ class Filter(Protocol):
 
     name: str
 
-    def on_request(self, ctx: FilterContext) -> Decision | Awaitable[Decision]:
+    def on_request(self, ctx: FilterContext) -> Answer | Awaitable[Answer]:
         """Continue (``None``), answer now (a ``ProxyError``), or either, later."""
 
 
@@ -126,6 +186,19 @@ class Runtime:
     redis_url: str | None = None
     redis_timeout: float = 0.25  # [redis] timeout; see fastedge.redis_config
     _redis: Any = field(default=None, repr=False)
+    # Process-wide feature state that must survive reloads (cache stores, traffic
+    # splits), by name; see service().
+    services: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def service(self, name: str, factory: Callable[[], Any]) -> Any:
+        """The process-wide object ``name``, made by ``factory()`` on first use.
+
+        Objects with an ``async aclose()`` are closed by :meth:`close`.
+        """
+        obj = self.services.get(name)
+        if obj is None:
+            obj = self.services[name] = factory()
+        return obj
 
     def redis(self) -> Any:
         """A shared ``redis.asyncio.Redis`` client (created on first use), or ``None``."""
@@ -143,7 +216,15 @@ class Runtime:
         return self._redis
 
     async def close(self) -> None:
-        """Close shared clients."""
+        """Close feature services, then shared clients."""
+        for name, obj in list(self.services.items()):
+            close = getattr(obj, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:
+                    _log.exception("closing service %s failed", name)
+        self.services.clear()
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
@@ -155,14 +236,30 @@ FilterBuilder: TypeAlias = Callable[[Any, "RouteConfig", "Config", Runtime], Fil
 class FilterChain:
     """The filters of one route, in phase order."""
 
-    __slots__ = ("filters", "response_filters")
+    __slots__ = (
+        "abort_filters",
+        "body_filters",
+        "end_filters",
+        "error_filters",
+        "filters",
+        "response_filters",
+        "streams_body",
+    )
 
     def __init__(self, filters: list[Filter]) -> None:
         self.filters = tuple(filters)
         self.response_filters = tuple(f for f in filters if hasattr(f, "on_response"))
+        self.body_filters = tuple(f for f in filters if hasattr(f, "on_response_body"))
+        self.end_filters = tuple(f for f in filters if hasattr(f, "on_response_end"))
+        self.abort_filters = tuple(f for f in filters if hasattr(f, "on_response_abort"))
+        self.error_filters = tuple(f for f in filters if hasattr(f, "on_error"))
+        # Whether the proxy must call the body hooks at all (one test per response).
+        self.streams_body = bool(self.body_filters or self.end_filters or self.abort_filters)
 
-    def run_request(self, ctx: FilterContext) -> Decision | Awaitable[Decision]:
+    def run_request(self, ctx: FilterContext) -> Answer | Awaitable[Answer]:
         """Run ``on_request`` in order; synchronous until a filter needs to wait."""
+        if ctx.span is not None:
+            return self._run_traced(ctx)
         filters = self.filters
         for i, f in enumerate(filters):
             decision = f.on_request(ctx)
@@ -173,16 +270,49 @@ class FilterChain:
             return decision
         return None
 
+    def _run_traced(self, ctx: FilterContext) -> Answer | Awaitable[Answer]:
+        """``run_request`` with a child span per filter (OTel: one span per operation)."""
+        span = ctx.span
+        for i, f in enumerate(self.filters):
+            child = span.child(f"fastedge.{f.name}")
+            try:
+                decision = f.on_request(ctx)
+            except BaseException:
+                child.end_error("filter raised")
+                raise
+            if inspect.isawaitable(decision):
+                return self._finish_async(decision, ctx, i + 1, child)
+            _end_filter_span(child, decision)
+            if decision is not None:
+                return decision
+        return None
+
     async def _finish_async(
-        self, pending: Awaitable[Decision], ctx: FilterContext, start: int
-    ) -> Decision:
-        decision = await pending
+        self, pending: Awaitable[Answer], ctx: FilterContext, start: int, child: Any = None
+    ) -> Answer:
+        try:
+            decision = await pending
+        except BaseException:
+            if child is not None:
+                child.end_error("filter raised")
+            raise
+        if child is not None:
+            _end_filter_span(child, decision)
         if decision is not None:
             return decision
+        span = ctx.span
         for f in self.filters[start:]:
-            result = f.on_request(ctx)
-            if inspect.isawaitable(result):
-                result = await result
+            child = span.child(f"fastedge.{f.name}") if span is not None else None
+            try:
+                result = f.on_request(ctx)
+                if inspect.isawaitable(result):
+                    result = await result
+            except BaseException:
+                if child is not None:
+                    child.end_error("filter raised")
+                raise
+            if child is not None:
+                _end_filter_span(child, result)
             if result is not None:
                 return result
         return None
@@ -194,12 +324,60 @@ class FilterChain:
             if close is not None:
                 await close()
 
-    def run_response(self, ctx: FilterContext, status: int, headers: Headers) -> None:
-        """Let filters append to the response headers (``headers`` is edited in place)."""
+    def run_response(self, ctx: FilterContext, status: int, headers: Headers) -> Response | None:
+        """Let filters append to the response headers (``headers`` is edited in place),
+        or replace the response: the first :class:`Response` returned wins."""
+        replacement: Response | None = None
         for f in self.response_filters:
-            f.on_response(ctx, status, headers)
+            result = f.on_response(ctx, status, headers)
+            if result is not None and replacement is None:
+                replacement = result
+                break
+        if replacement is not None:
+            if ctx.response_headers:
+                replacement.headers.extend(ctx.response_headers)
+            return replacement
         if ctx.response_headers:
             headers.extend(ctx.response_headers)
+        return None
+
+    def response_body(self, ctx: FilterContext, chunk: bytes) -> None:
+        """A body chunk of the upstream's response, as forwarded to the client."""
+        for f in self.body_filters:
+            f.on_response_body(ctx, chunk)
+
+    def response_end(self, ctx: FilterContext) -> None:
+        """The upstream's response ended completely."""
+        for f in self.end_filters:
+            f.on_response_end(ctx)
+
+    def response_abort(self, ctx: FilterContext) -> None:
+        """The response did not complete (upstream failure, client gone, timeout)."""
+        for f in self.abort_filters:
+            try:
+                f.on_response_abort(ctx)
+            except Exception:  # cleanup must not break the proxy's own cleanup
+                _log.exception("on_response_abort of %s failed", f.name)
+
+    def run_error(self, ctx: FilterContext, err: ProxyError) -> Response | None:
+        """A replacement for an upstream failure's error answer, or ``None``."""
+        for f in self.error_filters:
+            result: Response | None = f.on_error(ctx, err)
+            if result is not None:
+                if ctx.response_headers:
+                    result.headers.extend(ctx.response_headers)
+                return result
+        return None
+
+
+def _end_filter_span(child: Any, decision: object) -> None:
+    if isinstance(decision, ProxyError):
+        child.set_attribute("http.response.status_code", decision.status)
+        child.end_error(decision.detail or decision.kind.value)
+    else:
+        if isinstance(decision, Response):
+            child.set_attribute("fastedge.answered", True)
+        child.end()
 
 
 def build_route_filters(route: RouteConfig, config: Config, runtime: Runtime) -> FilterChain | None:

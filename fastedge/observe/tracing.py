@@ -267,6 +267,29 @@ class Span:
             except Exception:
                 logger.exception("span exporter %r failed", exporter)
 
+    def child(self, name: str, kind: SpanKind = SpanKind.INTERNAL) -> Span:
+        """Start a child span of this one (same trace, same sampling decision).
+
+        A non-recording parent gives a non-recording child, so untraced requests pay one
+        object per child and export nothing.
+        """
+        return Span(
+            name,
+            trace_id=self.trace_id,
+            span_id=new_span_id() if self.recording else self.span_id,
+            parent_span_id=self.span_id,
+            kind=kind,
+            start_ns=time.time_ns(),
+            recording=self.recording,
+            tracestate=self.tracestate,
+            exporters=self._exporters,
+        )
+
+    def end_error(self, message: str) -> None:
+        """Mark the span as failed with ``message`` and end it."""
+        self.set_status(StatusCode.ERROR, message)
+        self.end()
+
     def __repr__(self) -> str:
         return (
             f"Span({self.name!r}, trace_id={self.trace_id}, span_id={self.span_id}, "
