@@ -735,6 +735,10 @@ class Exchange:
                 elif isinstance(decision, Response):
                     self.respond(decision)
                 else:  # a filter must wait (Redis, JWKS): finish in a task
+                    if chain.streams_body:
+                        # A filter may already hold something for this request (a cache
+                        # fill lock): if the client leaves while we wait, it must hear.
+                        self.hooks = chain
                     _spawn(gw.loop, self._await_filters(decision))
                 return
         self.forward()
@@ -758,6 +762,9 @@ class Exchange:
         """Answer with a filter's :class:`Response` (a cache hit, a batched answer)."""
         if self.finished:
             return
+        # A filter answering for the upstream (a replaced response): the body watchers
+        # installed at forward() learn that no upstream body will come.
+        self._abort_hooks()
         fctx = self.fctx
         headers = [(n, v) for n, v in resp.headers if n != b"x-request-id"]
         if fctx is not None and fctx.response_headers:
@@ -785,6 +792,13 @@ class Exchange:
         """Take an upstream connection and send the request."""
         gw = self.conn.gateway
         fctx = self.fctx
+        if fctx is not None and self.hooks is None and self.route is not None:
+            # Body watchers (a cache fill and its coalescing lock) are installed before
+            # the request leaves, so every way this exchange can end reaches them: the
+            # response's end, or an abort (error, timeout, client gone, a replacement).
+            chain = self.route.filters
+            if chain is not None and chain.streams_body:
+                self.hooks = chain
         if fctx is not None and fctx.upstream is not self.upstream and fctx.upstream is not None:
             self._use_upstream(fctx.upstream)
             if self.span is not None:
@@ -947,14 +961,15 @@ class Exchange:
             if answer.resilient:
                 answer.record_request()
                 self.tried = None
+                self.attempt = 0  # the fallback's own retry policy starts afresh
                 _spawn(self.conn.gateway.loop, self._forward_resilient())
             else:
                 self.up_start = time.perf_counter()
-                first = answer.balancer.pick()
-                _spawn(
-                    self.conn.gateway.loop,
-                    self._connect(answer.balancer.failover_order(first), reserved=False),
-                )
+                # candidates() also serves a keyed (consistent-hash) fallback, which has
+                # no pick().
+                key = self._affinity_key(answer.hash_key) if answer.keyed else None
+                order = answer.candidates(key)
+                _spawn(self.conn.gateway.loop, self._connect(order, reserved=False))
 
     def _report(
         self, ok: bool, *, status: int = 0, connect_error: bool = False, timeout: bool = False
@@ -1124,6 +1139,7 @@ class Exchange:
                 if ev.status < 200:
                     if ev.status == 101 and self.head.upgrade is not None:
                         self._write_client(out)
+                        self._report(True, status=101)  # else a half-open probe leaks
                         self._switch_protocols(ev)
                         return
                     continue  # 100/103 from the upstream: ours was sent already, drop
@@ -1204,6 +1220,16 @@ class Exchange:
             self.retried = True
             self._detach_upstream(reusable=False)
             self.conn.gateway.metrics.inc("fastedge_upstream_retries_total")
+            if self.gen_target is not None:
+                # A resilient upstream chooses again (the dead connection says nothing
+                # either way, so no verdict): a killed target is in ``tried`` and is
+                # skipped when another is available; a fresh connect there is judged.
+                self._abandon()
+                self._cancel_timer()
+                self.request_sent = False
+                self.cc = None
+                _spawn(self.conn.gateway.loop, self._retry_later(0.0))
+                return
             assert self.target is not None
             _spawn(self.conn.gateway.loop, self._connect([self.target], reserved=False))
             return
@@ -1310,8 +1336,9 @@ class Exchange:
         self._cancel_timer()
         self._abandon()
         self._abort_hooks()
-        self._drop_upstream()
+        # Before dropping the upstream: ending its span reads why it failed (a timeout).
         self.error = err.detail or err.kind.value
+        self._drop_upstream()
         conn = self.conn
         t = conn.transport
         if self.response_started:
@@ -1442,7 +1469,8 @@ class Exchange:
         self.up_span = None
         if self.status:
             child.set_attribute("http.response.status_code", self.status)
-        if error or self.status >= 500:
+        # OTel HTTP conventions: for a CLIENT span a 4xx is an error too.
+        if error or self.status >= 400:
             child.end_error(error or f"status {self.status}")
         else:
             child.end()
@@ -1485,7 +1513,10 @@ class Exchange:
         span.set_attribute("http.response.status_code", self.status)
         if self.target is not None:
             span.set_attribute("fastedge.upstream.target", self.target.name)
-        if self.status >= 500 or self.error:
+        # OTel HTTP conventions: a SERVER span is an error for 5xx (or no answer at all),
+        # never for a 4xx, which is the client's fault (a 401, a 429, a 499).
+        status = self.status
+        if status >= 500 or (self.error and not 400 <= status < 500):
             span.set_status(StatusCode.ERROR, self.error or "")
         span.end()
 

@@ -103,12 +103,18 @@ class LeastConnections(Generic[T]):
         return [first, *(self._targets[i] for i in rest)]
 
     def acquire(self, target: T) -> None:
-        """A request is now in flight to ``target``."""
-        self._inflight[self._index[target]] += 1
+        """A request is now in flight to ``target`` (ignored for a target this balancer
+        does not know: one removed by a runtime target change after it was chosen)."""
+        i = self._index.get(target)
+        if i is not None:
+            self._inflight[i] += 1
 
     def release(self, target: T) -> None:
-        """A request to ``target`` ended (whatever the outcome)."""
-        i = self._index[target]
+        """A request to ``target`` ended (whatever the outcome); unknown targets (see
+        :meth:`acquire`) are ignored."""
+        i = self._index.get(target)
+        if i is None:
+            return
         if self._inflight[i] <= 0:
             raise ValueError(f"release() without acquire() for {target!r}")
         self._inflight[i] -= 1
@@ -211,7 +217,9 @@ class PowerOfTwoEWMA(Generic[T]):
         """Feed one measured latency (seconds, e.g. time to response head) for ``target``."""
         if latency_s < 0:
             raise ValueError("latency must be >= 0")
-        i = self._index[target]
+        i = self._index.get(target)
+        if i is None:  # removed at runtime while the request was in flight
+            return
         if now is None:
             now = self._clock()
         stamp = self._stamp[i]
@@ -225,12 +233,18 @@ class PowerOfTwoEWMA(Generic[T]):
         self._stamp[i] = now
 
     def acquire(self, target: T) -> None:
-        """A request is now in flight to ``target``."""
-        self._inflight[self._index[target]] += 1
+        """A request is now in flight to ``target`` (ignored for a target this balancer
+        does not know: one removed by a runtime target change after it was chosen)."""
+        i = self._index.get(target)
+        if i is not None:
+            self._inflight[i] += 1
 
     def release(self, target: T) -> None:
-        """A request to ``target`` ended."""
-        i = self._index[target]
+        """A request to ``target`` ended; unknown targets (see :meth:`acquire`) are
+        ignored."""
+        i = self._index.get(target)
+        if i is None:
+            return
         if self._inflight[i] <= 0:
             raise ValueError(f"release() without acquire() for {target!r}")
         self._inflight[i] -= 1
@@ -309,12 +323,17 @@ class ConsistentHash(Generic[T]):
         return self._by_name[self._ring.get(key)]
 
     def acquire(self, target: T) -> None:
-        """A request is now in flight to ``target``."""
-        self._inflight[self._name(target)] += 1
+        """A request is now in flight to ``target`` (ignored for a target not on this
+        ring: one removed by a runtime target change after it was chosen)."""
+        key = self._name(target)
+        if key in self._inflight:
+            self._inflight[key] += 1
 
     def release(self, target: T) -> None:
-        """A request to ``target`` ended."""
+        """A request to ``target`` ended; unknown targets are ignored (see acquire)."""
         key = self._name(target)
+        if key not in self._inflight:
+            return
         if self._inflight[key] <= 0:
             raise ValueError(f"release() without acquire() for {target!r}")
         self._inflight[key] -= 1
@@ -349,22 +368,36 @@ class PriorityGroups(Generic[T, B]):
     When no target in any tier is healthy, health is ignored and the primary tier's full
     order is returned, then the others: Envoy's "panic mode" — health checks that fail
     everywhere more likely report a problem of their own (or a shared dependency) than a
-    total outage, and refusing all traffic would turn it into one.
+    total outage, and refusing all traffic would turn it into one. With ``panic=False``
+    the answer is then an empty list instead (the gateway answers 503 or a fallback).
+
+    Load-aware group balancers are reached through this object too: ``acquire``,
+    ``release``, ``inflight`` and ``observe`` go to the balancer of the target's group
+    (and are ignored for a target of no group).
     """
 
-    __slots__ = ("_balancers", "_groups", "healthy")
+    __slots__ = ("_balancers", "_groups", "_owner", "healthy", "panic")
 
     def __init__(
         self,
         groups: Sequence[Sequence[T]],
         make_balancer: Callable[[list[T]], B],
         healthy: Callable[[T], bool],
+        *,
+        panic: bool = True,
     ) -> None:
         if not groups or any(not g for g in groups):
             raise ValueError("need at least one group, and no empty group")
         self._groups = [list(g) for g in groups]
         self._balancers = [make_balancer(list(g)) for g in self._groups]
+        self._owner: dict[T, Any] = {}
+        for group, balancer in zip(self._groups, self._balancers, strict=True):
+            for t in group:
+                if t in self._owner:
+                    raise ValueError(f"target {t!r} is in two groups")
+                self._owner[t] = balancer
         self.healthy = healthy
+        self.panic = panic
 
     @property
     def balancers(self) -> list[B]:
@@ -377,6 +410,43 @@ class PriorityGroups(Generic[T, B]):
             if target in group:
                 return level
         raise KeyError(target)
+
+    def acquire(self, target: T) -> None:
+        """A request is now in flight to ``target`` (its group balancer counts it)."""
+        balancer = self._owner.get(target)
+        if balancer is not None and hasattr(balancer, "acquire"):
+            balancer.acquire(target)
+
+    def release(self, target: T) -> None:
+        """A request to ``target`` ended."""
+        balancer = self._owner.get(target)
+        if balancer is not None and hasattr(balancer, "release"):
+            balancer.release(target)
+
+    def inflight(self, target: T) -> int:
+        """Requests in flight to ``target`` as its group balancer counts them (0 for a
+        balancer that does not count)."""
+        balancer = self._owner.get(target)
+        if balancer is None or not hasattr(balancer, "inflight"):
+            return 0
+        count: int = balancer.inflight(target)
+        return count
+
+    def observe(self, target: T, latency_s: float, now: float | None = None) -> None:
+        """A latency sample for ``target`` (for latency-aware group balancers)."""
+        balancer = self._owner.get(target)
+        if balancer is not None and hasattr(balancer, "observe"):
+            balancer.observe(target, latency_s, now)
+
+    def pick(self) -> T:
+        """The first candidate (for callers that want one target, e.g. a background
+        fetch); the primary group's first target when none is healthy."""
+        order = self.candidates()
+        return order[0] if order else self._groups[0][0]
+
+    def failover_order(self, first: T) -> list[T]:
+        """``first``, then the other healthy candidates in order."""
+        return [first, *(t for t in self.candidates() if t != first)]
 
     def active_group(self) -> int | None:
         """The priority that takes traffic now, ``None`` when nothing is healthy (panic)."""
@@ -391,6 +461,8 @@ class PriorityGroups(Generic[T, B]):
         healthy = self.healthy
         active = self.active_group()
         if active is None:  # panic: ignore health rather than refuse everything
+            if not self.panic:
+                return []
             out: list[T] = list(self._balancers[0].candidates(*args, **kwargs))
             for group in self._groups[1:]:
                 out.extend(group)

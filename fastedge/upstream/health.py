@@ -76,7 +76,8 @@ class HealthChecker(Generic[T]):
     """Active HTTP health checks over real sockets, one asyncio task per target.
 
     ``address(target)`` gives ``(host, port)`` to connect to; ``tls(target)``, when given,
-    an ``SSLContext`` for https targets (``None`` for plain ones). A probe passes when a
+    an ``SSLContext`` for https targets (``None`` for plain ones), and ``server_name``
+    the name to send as SNI and verify (default: the host). A probe passes when a
     connection is made, ``GET path HTTP/1.1`` is written and a status line with a status in
     ``expected_statuses`` comes back within ``timeout`` — nginx Plus's default ``match``
     (2xx and 3xx). Only the status line is read; the connection is then closed.
@@ -102,6 +103,7 @@ class HealthChecker(Generic[T]):
         initially_healthy: bool = True,
         host_header: Callable[[T], str] | None = None,
         tls: Callable[[T], ssl.SSLContext | None] | None = None,
+        server_name: Callable[[T], str | None] | None = None,
     ) -> None:
         if not interval > 0 or not timeout > 0:
             raise ValueError("interval and timeout must be > 0")
@@ -115,6 +117,7 @@ class HealthChecker(Generic[T]):
         self._address = address
         self._host_header = host_header
         self._tls = tls
+        self._server_name = server_name
         self._states = {t: HealthState(rise, fall, initially_healthy) for t in self.targets}
         self._callbacks: list[Callable[[T, bool], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -143,12 +146,21 @@ class HealthChecker(Generic[T]):
             loop.create_task(self._run(t), name=f"health-check {t!r}") for t in self.targets
         ]
 
+    def stop(self) -> None:
+        """Stop probing now (the tasks are cancelled; :meth:`aclose` waits for them)."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+
+    @property
+    def running(self) -> bool:
+        """Whether probe tasks are still alive (not yet finished after a stop)."""
+        return any(not task.done() for task in self._tasks)
+
     async def aclose(self) -> None:
         """Stop probing and wait for the probe tasks to end."""
-        self._closed = True
+        self.stop()
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -201,9 +213,11 @@ class HealthChecker(Generic[T]):
         """Connect, send one GET and return the response status."""
         host, port = self._address(target)
         ctx = self._tls(target) if self._tls is not None else None
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=ctx, server_hostname=host if ctx is not None else None
-        )
+        sni: str | None = None
+        if ctx is not None:
+            sni = self._server_name(target) if self._server_name is not None else None
+            sni = sni or host
+        reader, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=sni)
         try:
             if self._host_header is not None:
                 authority = self._host_header(target)

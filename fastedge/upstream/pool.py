@@ -119,6 +119,7 @@ class ConnectionPool(Generic[C]):
     __slots__ = (
         "_closed",
         "_connect",
+        "_draining",
         "_expire_handle",
         "_loop",
         "connect_timeout",
@@ -146,6 +147,7 @@ class ConnectionPool(Generic[C]):
         self._loop = asyncio.get_running_loop()
         self._expire_handle: asyncio.TimerHandle | None = None
         self._closed = False
+        self._draining = False
 
     def acquire_idle(self) -> tuple[C | None, bool]:
         """Synchronous fast path: ``(conn, may_connect)``; see :meth:`PoolState.checkout`."""
@@ -231,7 +233,9 @@ class ConnectionPool(Generic[C]):
     def release(self, conn: C, reusable: bool) -> None:
         """Give a connection back; kept only if ``reusable`` (response fully read,
         keep-alive) and still open."""
-        keep, freed = self.state.checkin(conn, reusable and not self._closed, time.monotonic())
+        keep, freed = self.state.checkin(
+            conn, reusable and not self._closed and not self._draining, time.monotonic()
+        )
         if keep is None:
             conn.close()
             if freed:
@@ -285,6 +289,17 @@ class ConnectionPool(Generic[C]):
             "active": self.state.busy,
             "waiting": len(self.state.waiters),
         }
+
+    def drain(self) -> None:
+        """Keep no connection from now on (the target was removed at runtime): idle
+        ones close now, busy ones when released. Unlike :meth:`close`, a request that
+        chose this target just before still gets a connection."""
+        self._draining = True
+        if self._expire_handle is not None:
+            self._expire_handle.cancel()
+            self._expire_handle = None
+        while self.state.idle:
+            self.state.idle.pop().close()
 
     def close(self) -> None:
         """Close idle connections; busy ones close when released."""

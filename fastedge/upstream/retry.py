@@ -74,6 +74,7 @@ class RetryPolicy:
         *,
         connect_error: bool = False,
         timeout: bool = False,
+        reset: bool = False,
         status: int | None = None,
     ) -> bool:
         """Whether attempt number ``attempt`` (1 = the first try) should be followed by
@@ -81,8 +82,11 @@ class RetryPolicy:
 
         ``connect_error``: no connection could be made (refused, connect timeout, TLS
         handshake) — nothing was sent, so any method may be retried. ``timeout``: the
-        request was sent but no (complete) response came in time. ``status``: the
-        upstream answered with this status. The caller must also not retry once response
+        request was sent but no (complete) response came in time. ``reset``: the
+        connection broke (closed, reset, unparsable answer) before a response head —
+        retried like nginx's ``proxy_next_upstream error``, idempotent methods only.
+        ``status``: the upstream answered with this status. The caller must also not
+        retry once response
         bytes went to the client, or when the request body was streamed and not kept.
         """
         if attempt >= self.attempts:
@@ -93,6 +97,8 @@ class RetryPolicy:
             return False
         if timeout:
             return self.retry_on_timeout
+        if reset:
+            return True
         return status is not None and status in self.retry_on_statuses
 
     def backoff(self, attempt: int, rng: SupportsRandom) -> float:
