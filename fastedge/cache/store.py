@@ -394,23 +394,50 @@ class CoalescingLocks:
     def __len__(self) -> int:
         return len(self._fills)
 
-    @asynccontextmanager
-    async def fill(self, key: Hashable, wait: float = 2.0) -> AsyncIterator[bool]:
-        """Lead (``True``) or follow (``False``) the fill of ``key``; see the class."""
+    def lead(self, key: Hashable) -> bool:
+        """The manual form's first step, synchronous: ``True`` when the caller now leads
+        the fill of ``key`` (and must call :meth:`release` exactly once, whatever
+        happens), ``False`` when another caller leads it (then :meth:`follow`)."""
+        if key in self._fills:
+            return False
+        self._fills[key] = asyncio.Event()
+        return True
+
+    def release(self, key: Hashable) -> None:
+        """End the fill of ``key`` led by the caller: its followers wake up."""
+        event = self._fills.pop(key, None)
+        if event is not None:
+            event.set()
+
+    async def follow(self, key: Hashable, wait: float) -> bool:
+        """Wait for the leader of ``key`` to :meth:`release` (``True``), at most ``wait``
+        seconds (``False``: it is still busy, go upstream yourself). ``True`` at once
+        when nobody leads ``key`` any more."""
         event = self._fills.get(key)
         if event is None:
-            event = self._fills[key] = asyncio.Event()
-            try:
-                yield True
-            finally:
-                if self._fills.get(key) is event:
-                    del self._fills[key]
-                event.set()
-            return
+            return True
         try:
             async with asyncio.timeout(wait):
                 await event.wait()
-            self.coalesced += 1
         except TimeoutError:
             self.timed_out += 1
+            return False
+        self.coalesced += 1
+        return True
+
+    @asynccontextmanager
+    async def fill(self, key: Hashable, wait: float = 2.0) -> AsyncIterator[bool]:
+        """Lead (``True``) or follow (``False``) the fill of ``key``; see the class.
+
+        The context-manager form of :meth:`lead` / :meth:`release` / :meth:`follow`;
+        the cache filter uses the manual form, because its leader holds the key from a
+        request's head to the end of the response's body, across callbacks.
+        """
+        if self.lead(key):
+            try:
+                yield True
+            finally:
+                self.release(key)
+            return
+        await self.follow(key, wait)
         yield False
