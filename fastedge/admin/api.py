@@ -12,7 +12,11 @@ Built-in endpoints:
 Health and readiness are open because orchestrator probes (Kubernetes ``httpGet`` probes,
 load-balancer health checks) cannot easily send a bearer token and reveal nothing but one
 bit. Everything else requires ``Authorization: Bearer <token>`` when a token is set, since
-metrics and configuration describe the deployment and later endpoints change it.
+metrics and configuration describe the deployment and later endpoints change it. A browser
+opening the dashboard (``GET /?token=...``) gets a session cookie instead; state changes
+authenticated by that cookie also need the ``X-Fastedge-Admin`` header (CSRF protection):
+see :mod:`fastedge.admin.session`. Without a token, state-changing requests from another
+origin (a web page) are still refused.
 
 Later features add endpoints through ``extra_routes``: ``{("PUT", "/traffic/{name}"):
 handler}``. A path segment written ``{name}`` matches any one segment and is passed in
@@ -30,6 +34,7 @@ from urllib.parse import unquote
 
 import orjson
 
+from fastedge.admin import session
 from fastedge.minihttp import HttpServer, Limits, Request, Response, start_server
 from fastedge.observe.metrics import CONTENT_TYPE, Metrics
 
@@ -89,6 +94,18 @@ _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 # Admin answers describe live state: never let a proxy or browser cache them.
 _NO_STORE = ("cache-control", "no-store")
 
+# Methods that never change state (RFC 9110 §9.2.1), so a session cookie alone may send them.
+_SAFE_METHODS = frozenset({"GET", "HEAD"})
+
+
+def _is_login(request: Request) -> bool:
+    """Whether ``request`` opens the dashboard with ``?token=`` (``GET``/``HEAD /`` only)."""
+    return (
+        request.path == "/"
+        and request.method in _SAFE_METHODS
+        and session.query_token(request.query) is not None
+    )
+
 
 @dataclass(frozen=True, slots=True)
 class _Route:
@@ -120,7 +137,8 @@ class AdminServer:
     ``ready`` and ``config_view`` are called per request, so they must be cheap and
     non-blocking. ``token=None`` disables authentication (only sensible on loopback).
     ``extra_routes`` maps ``(method, path pattern)`` to a handler; it may not replace a
-    built-in endpoint. ``HEAD`` is answered for every ``GET`` route.
+    built-in endpoint. ``HEAD`` is answered for every ``GET`` route. ``fallback``, when
+    given, answers authenticated requests that match no route (otherwise 404).
     """
 
     def __init__(
@@ -134,8 +152,12 @@ class AdminServer:
         token: str | None,
         extra_routes: Mapping[tuple[str, str], Handler] | None = None,
         limits: Limits | None = None,
+        fallback: Handler | None = None,
     ) -> None:
         self.host = host
+        # Answers an authenticated request that matches no route (instead of 404): the
+        # `--workers` supervisor relays those to its workers (fastedge.workers).
+        self._fallback = fallback
         self._requested_port = port
         self._metrics = metrics
         self._ready = ready
@@ -179,16 +201,22 @@ class AdminServer:
     # -- dispatch ------------------------------------------------------------------------------
 
     async def _handle(self, request: Request) -> Response:
-        rid = request.request_id
         # Authenticate before routing, so an anonymous client cannot map which admin
         # endpoints exist (404 vs 405 vs 401).
-        if not self._authorized(request):
-            return Response.error(
-                401,
-                "missing or invalid admin token",
-                rid,
-                [("www-authenticate", 'Bearer realm="fastedge-admin"'), _NO_STORE],
-            )
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
+        response = await self._route(request)
+        if self._token is not None and self._valid_login(request):
+            # The dashboard was opened with ?token=: from now on the cookie stands in for
+            # the token (see fastedge.admin.session), and no Referer may carry the URL.
+            cookie = session.make_session(self._token)
+            response.headers.append(session.session_cookie_header(cookie))
+            response.headers.append(("referrer-policy", "no-referrer"))
+        return response
+
+    async def _route(self, request: Request) -> Response:
+        rid = request.request_id
         segments = _split(request.path)
         method = "GET" if request.method == "HEAD" else request.method
         allowed: set[str] = set()
@@ -199,39 +227,84 @@ class AdminServer:
             if route.method != method:
                 allowed.add(route.method)
                 continue
-            admin_request = AdminRequest(
-                request.method,
-                request.path,
-                request.query,
-                request.headers,
-                request.body,
-                rid,
-                params,
-            )
-            try:
-                response = await route.handler(admin_request)
-            except AdminError as exc:
-                return Response.error(exc.status, exc.message, rid, [_NO_STORE])
-            if not any(name.lower() == "cache-control" for name, _ in response.headers):
-                response.headers.append(_NO_STORE)
-            return response
+            return await self._call(route.handler, request, params)
         if allowed:
             if "GET" in allowed:
                 allowed.add("HEAD")
             return Response.error(
                 405, "method not allowed", rid, [("allow", ", ".join(sorted(allowed))), _NO_STORE]
             )
+        if self._fallback is not None:
+            return await self._call(self._fallback, request, {})
         return Response.error(404, "not found", rid, [_NO_STORE])
 
-    def _authorized(self, request: Request) -> bool:
+    async def _call(self, handler: Handler, request: Request, params: dict[str, str]) -> Response:
+        admin_request = AdminRequest(
+            request.method,
+            request.path,
+            request.query,
+            request.headers,
+            request.body,
+            request.request_id,
+            params,
+        )
+        try:
+            response = await handler(admin_request)
+        except AdminError as exc:
+            return Response.error(exc.status, exc.message, request.request_id, [_NO_STORE])
+        if not any(name.lower() == "cache-control" for name, _ in response.headers):
+            response.headers.append(_NO_STORE)
+        return response
+
+    def _valid_login(self, request: Request) -> bool:
+        """Whether ``request`` is ``GET``/``HEAD /?token=`` with the right token."""
+        if self._token is None or not _is_login(request):
+            return False
+        given = session.query_token(request.query) or ""
+        return hmac.compare_digest(given.encode(), self._token)
+
+    def _refusal(self, request: Request) -> Response | None:
+        """``None`` when ``request`` may proceed, else the 401/403 answer.
+
+        Accepted: the bearer token; on ``GET``/``HEAD /`` a ``?token=`` query parameter;
+        a dashboard session cookie, for state-changing methods only with the CSRF header
+        from the listener's own origin (see :mod:`fastedge.admin.session`).
+        """
+        rid = request.request_id
+        safe = request.method in _SAFE_METHODS
         if self._token is None or request.path in _OPEN_PATHS:
-            return True
+            if safe or not session.cross_origin(request.header):
+                return None
+            # No token to steal, but a web page must still not drive the API from a browser.
+            return Response.error(403, "cross-origin admin requests are refused", rid, [_NO_STORE])
         value = request.header("authorization") or ""
         scheme, _, credentials = value.partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        # Constant-time comparison: the token must not leak through response timing.
-        return hmac.compare_digest(credentials.strip().encode(), self._token)
+        # Constant-time comparisons: the token must not leak through response timing.
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            credentials.strip().encode(), self._token
+        ):
+            return None
+        if self._valid_login(request):
+            return None
+        cookie = session.cookie_value(request.headers)
+        if cookie is not None and session.valid_session(self._token, cookie):
+            if safe:
+                return None
+            if request.header(session.CSRF_HEADER) is None or session.cross_origin(request.header):
+                return Response.error(
+                    403,
+                    "a change authenticated by the session cookie needs the "
+                    "X-Fastedge-Admin header from the admin origin (CSRF protection)",
+                    rid,
+                    [_NO_STORE],
+                )
+            return None
+        return Response.error(
+            401,
+            "missing or invalid admin token",
+            rid,
+            [("www-authenticate", 'Bearer realm="fastedge-admin"'), _NO_STORE],
+        )
 
     # -- built-in endpoints ---------------------------------------------------------------------
 

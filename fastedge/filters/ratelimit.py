@@ -393,18 +393,24 @@ class _Policy:
 class _LocalPolicy(_Policy):
     """A policy on the compiled in-process limiter: synchronous, ~1 µs."""
 
-    __slots__ = ("limiter",)
+    __slots__ = ("limiter", "store")
 
     def __init__(self, cfg: RateLimitPolicy, runtime: Runtime, clock: Clock) -> None:
         super().__init__(cfg, runtime, clock)
         if cfg.algorithm == "sliding_window":
             assert cfg.limit is not None and cfg.window is not None
             window = SlidingWindow(cfg.limit, cfg.window, max_keys=cfg.max_keys)
+            self.store: SlidingWindow | TokenBucket = window
             self.limiter: Callable[[bytes, int, float], tuple[bool, int, float]] = window.hit
         else:
             assert cfg.rate is not None and cfg.burst is not None
             bucket = TokenBucket(cfg.rate, cfg.burst, max_keys=cfg.max_keys)
+            self.store = bucket
             self.limiter = bucket.acquire
+
+    def tracked_keys(self) -> int:
+        """Keys with limiter state in memory (bounded by ``max_keys``); scrape time only."""
+        return len(self.store)
 
     def check(self, ctx: FilterContext) -> Decision:
         allowed, remaining, seconds = self.limiter(self.key_of(ctx), 1, self.clock())
@@ -450,6 +456,10 @@ class _RedisPolicy(_Policy):
         self._last_log = -math.inf
         self._unlogged = 0
         self._errors_labels = (("policy", cfg.name),)
+
+    def tracked_keys(self) -> int:
+        """Keys holding leased units in memory (0 without ``lease``); scrape time only."""
+        return 0 if self.leases is None else self.leases.keys()
 
     def _lease_lifetime(self, grant: Grant) -> float:
         cfg = self.config

@@ -278,6 +278,10 @@ class LeaseBook:
             self._leases.pop(key, None)
         return Grant(1, entry[0] + entry[1], entry[2])
 
+    def keys(self) -> int:
+        """Keys with a lease entry (expired ones count until the LRU drops them)."""
+        return len(self._leases)
+
     def leased(self, key: bytes, now: float) -> int:
         """Units ``key`` holds locally (for tests and the accuracy bound)."""
         entry = self._leases.peek(key, now=now)
