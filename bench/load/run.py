@@ -21,6 +21,9 @@ Method, and why:
   the measurement does not include connection setup.
 * **Ratios, not absolute numbers**: req/s depends on the machine; "x times nginx,
   measured in the same round" travels between machines far better.
+* **Variants and memory** (issue 9): fastedge configurations measured as proxies of
+  their own (``bench/load/variants.py``; their ratios to a baseline get a second table)
+  and, after the rounds, RSS per idle keep-alive connection (``bench/load/memory.py``).
 
 Every process is started in its own session and killed as a process group in a
 ``finally`` (also on Ctrl-C and SIGTERM); configs, pid files and logs live in a temporary
@@ -53,6 +56,9 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from bench.load import cache as cache_bench
+from bench.load import variants
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # CPU layout (see the module docstring for why we pin at all).
@@ -60,7 +66,10 @@ PROXY_CPU = "0"
 LOAD_CPU = "1"
 
 # The two scenarios: path on the upstream → short name used in the table.
-SCENARIOS: dict[str, str] = {"small": "/small", "64KiB": "/64k"}
+SCENARIOS: dict[str, str] = {"small": "/small", "64KiB": "/64k", "cache-hit": "/cached"}
+# Scenarios only the proxies that name them run (ProxySpec.scenarios): a cache hit means
+# nothing for a proxy without a cache (bench/load/cache.py).
+OPT_IN_SCENARIOS = frozenset({cache_bench.SCENARIO})
 SMALL_BODY = "hello from the upstream\n"
 _SMALL_BODY_NGINX = SMALL_BODY.replace("\n", "\\n")  # as an nginx string literal
 LARGE_BODY_SIZE = 64 * 1024
@@ -326,9 +335,14 @@ def _log_tail(path: Path, lines: int = 3) -> str:
 
 
 def wait_ready(
-    proc: subprocess.Popen[bytes], port: int, log_path: Path, timeout: float = START_TIMEOUT_S
+    proc: subprocess.Popen[bytes],
+    port: int,
+    log_path: Path,
+    timeout: float = START_TIMEOUT_S,
+    headers: Sequence[str] = (),
 ) -> None:
-    """Wait until ``port`` answers ``GET /small`` with 200 through the proxy.
+    """Wait until ``port`` answers ``GET /small`` (with ``headers``, ``"Name: value"``
+    lines as wrk takes them) with 200 through the proxy.
 
     A plain TCP accept is not enough: it would also succeed for a proxy that listens but
     cannot reach the upstream. Raises ProxyFailed with the log tail on failure.
@@ -340,7 +354,8 @@ def wait_ready(
             raise ProxyFailed(f"exited with code {proc.returncode}: {_log_tail(log_path)}")
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         try:
-            conn.request("GET", SCENARIOS["small"])
+            fields = dict(h.split(": ", 1) for h in headers)
+            conn.request("GET", SCENARIOS["small"], headers=fields)
             response = conn.getresponse()
             body = response.read()
             if response.status == 200 and body == SMALL_BODY.encode():
@@ -401,7 +416,7 @@ def upstream_nginx_conf(workdir: Path, port: int, www: Path) -> str:
             default_type application/octet-stream;
             root {www};
         }}
-    }}
+{cache_bench.upstream_location(_SMALL_BODY_NGINX)}    }}
 }}
 """
     )
@@ -461,10 +476,21 @@ class ProxySpec:
     """How to start one proxy: ``command(workdir, port, upstream_port)`` → argv.
 
     ``command`` may write config files into ``workdir`` (a fresh directory per start).
+    ``cpus`` is its taskset CPU list, ``scenarios`` the scenarios it runs (``None``: all),
+    ``wrk_headers`` extra request fields wrk sends (``-H``).
     """
 
     name: str
     command: Callable[[Path, int, int, dict[str, str]], list[str]]
+    cpus: str = PROXY_CPU
+    scenarios: tuple[str, ...] | None = None
+    wrk_headers: tuple[str, ...] = ()
+
+    def runs(self, scenario: str) -> bool:
+        """Whether this proxy is measured in ``scenario``."""
+        if self.scenarios is None:
+            return scenario not in OPT_IN_SCENARIOS
+        return scenario in self.scenarios
 
 
 def _nginx_command(
@@ -521,6 +547,23 @@ PROXIES: dict[str, ProxySpec] = {
         ProxySpec("haproxy", _haproxy_command),
         ProxySpec("aiohttp", _aiohttp_command),
         ProxySpec("fastedge", _fastedge_command),
+        # Issue 9's fastedge variants (bench/load/variants.py), compared with their
+        # baselines in the report's second table.
+        ProxySpec(
+            "fastedge-w2",
+            variants.workers_command,
+            cpus=f"{PROXY_CPU},{LOAD_CPU}",
+        ),
+        ProxySpec("fastedge-1k-routes", variants.routes_command, scenarios=("small",)),
+        # Cache hits against nginx proxy_cache hits (bench/load/cache.py).
+        ProxySpec("nginx-cache", cache_bench.nginx_cache_command, scenarios=("cache-hit",)),
+        ProxySpec("fastedge-cache", cache_bench.fastedge_cache_command, scenarios=("cache-hit",)),
+        ProxySpec(
+            "fastedge-chain",
+            variants.chain_command,
+            scenarios=("small",),
+            wrk_headers=(f"Authorization: Bearer {variants.bench_token()}",),
+        ),
     )
 }
 
@@ -578,7 +621,9 @@ class Bench:
         except ProxyFailed as exc:
             raise HarnessError(f"upstream nginx did not start: {exc}") from exc
 
-    def run_wrk(self, port: int, path: str, duration: int) -> WrkResult:
+    def run_wrk(
+        self, port: int, path: str, duration: int, headers: Sequence[str] = ()
+    ) -> WrkResult:
         """Run wrk on the load CPU against ``path`` and parse its output."""
         argv = self.processes.pinned(
             LOAD_CPU,
@@ -588,6 +633,7 @@ class Bench:
                 f"-c{self.connections}",
                 f"-d{duration}s",
                 "--latency",
+                *(arg for header in headers for arg in ("-H", header)),
                 f"http://127.0.0.1:{port}{path}",
             ],
         )
@@ -606,19 +652,22 @@ class Bench:
         workdir.mkdir()
         port = free_port()
         log = workdir / "output.log"
+        spec = PROXIES[name]
         try:
-            argv = PROXIES[name].command(workdir, port, self.upstream_port, self.tools)
-            proc = self.processes.start(argv, log, PROXY_CPU)
+            argv = spec.command(workdir, port, self.upstream_port, self.tools)
+            proc = self.processes.start(argv, log, spec.cpus)
         except OSError as exc:
             self.failures[name] = f"could not start: {exc}"
             return
         try:
             # nginx writes start-up problems to error.log, everything else to stdout.
             error_log = workdir / "error.log"
-            wait_ready(proc, port, error_log if name == "nginx" else log)
+            wait_ready(proc, port, error_log if name == "nginx" else log, headers=spec.wrk_headers)
             for scenario, path in SCENARIOS.items():
-                self.run_wrk(port, path, WARMUP_S)
-                result = self.run_wrk(port, path, self.duration)
+                if not spec.runs(scenario):
+                    continue
+                self.run_wrk(port, path, WARMUP_S, spec.wrk_headers)
+                result = self.run_wrk(port, path, self.duration, spec.wrk_headers)
                 self.results.setdefault((name, scenario), []).append(result)
                 self.by_round[(name, scenario, round_index)] = result
                 print(
@@ -663,23 +712,37 @@ class Summary:
     failure: str | None = None
 
 
+def same_round_ratio(
+    bench: Bench, proxy: str, baseline: str, scenario: str, metric: str = "req/s"
+) -> float | None:
+    """Median over rounds of ``proxy``'s req/s (or p99) divided by ``baseline``'s in the
+    same round; ``None`` when they never ran in the same round."""
+    ratios = []
+    for (name, scen, round_index), result in bench.by_round.items():
+        if name != proxy or scen != scenario:
+            continue
+        reference = bench.by_round.get((baseline, scenario, round_index))
+        if reference is None:
+            continue
+        if metric == "p99":
+            if reference.p99_us > 0:
+                ratios.append(result.p99_us / reference.p99_us)
+        elif reference.requests_per_sec > 0:
+            ratios.append(result.requests_per_sec / reference.requests_per_sec)
+    return statistics.median(ratios) if ratios else None
+
+
 def summarise(bench: Bench) -> list[Summary]:
     """Median req/s, p50, p99 over rounds, total errors, median same-round ratio to nginx."""
     rows: list[Summary] = []
     for name in bench.proxies:
         for scenario in SCENARIOS:
+            if not PROXIES[name].runs(scenario):
+                continue
             runs = bench.results.get((name, scenario), [])
             if name in bench.failures or not runs:
                 rows.append(Summary(name, scenario, failure=bench.failures.get(name, "no data")))
                 continue
-            ratios = [
-                result.requests_per_sec / reference.requests_per_sec
-                for (proxy, scen, round_index), result in bench.by_round.items()
-                if proxy == name
-                and scen == scenario
-                and (reference := bench.by_round.get(("nginx", scenario, round_index))) is not None
-                and reference.requests_per_sec > 0
-            ]
             rows.append(
                 Summary(
                     proxy=name,
@@ -688,10 +751,21 @@ def summarise(bench: Bench) -> list[Summary]:
                     p50_us=statistics.median(r.p50_us for r in runs),
                     p99_us=statistics.median(r.p99_us for r in runs),
                     errors=sum(r.errors for r in runs),
-                    ratio_to_nginx=statistics.median(ratios) if ratios else None,
+                    ratio_to_nginx=same_round_ratio(bench, name, "nginx", scenario),
                 )
             )
     return rows
+
+
+def comparisons_table(bench: Bench) -> str:
+    """Issue 9's ratios (:data:`bench.load.variants.COMPARISONS`) that this run measured."""
+    lines = ["| comparison | scenario | ratio | goal |", "|---|---|---:|---|"]
+    for c in (*variants.COMPARISONS, *cache_bench.COMPARISONS):
+        ratio = same_round_ratio(bench, c.proxy, c.baseline, c.scenario, c.metric)
+        if ratio is not None:
+            what = f"{c.label} (`{c.proxy}` / `{c.baseline}`, {c.metric})"
+            lines.append(f"| {what} | {c.scenario} | {ratio:.2f}x | {c.goal or '-'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def markdown_table(rows: Sequence[Summary]) -> str:
@@ -776,8 +850,15 @@ def versions(tools: dict[str, str]) -> dict[str, str]:
     }
 
 
-def report(bench: Bench, rows: Sequence[Summary], command: str, note: str | None) -> str:
-    """The Markdown section written between the bench-load markers."""
+def report(
+    bench: Bench,
+    rows: Sequence[Summary],
+    command: str,
+    note: str | None,
+    extra: Sequence[str] = (),
+) -> str:
+    """The Markdown section written between the bench-load markers (``extra``: further
+    Markdown blocks appended, e.g. the memory table)."""
     machine = machine_info()
     pinning = (
         f"proxy on CPU {PROXY_CPU}, wrk and upstream on CPU {LOAD_CPU} (taskset)"
@@ -802,8 +883,20 @@ def report(bench: Bench, rows: Sequence[Summary], command: str, note: str | None
         "responses summed over rounds; *vs nginx* is the proxy's req/s divided by nginx's in "
         "the same round, median over rounds. Small = `return 200` with a "
         f"{len(SMALL_BODY)}-byte body; 64KiB = a static {LARGE_BODY_SIZE}-byte file. All proxies "
-        "run one process/worker/thread with access logs off; the upstream is nginx.",
+        "run one process/worker/thread with access logs off (`fastedge-w2`: two worker "
+        "processes, allowed on both CPUs); the upstream is nginx. fastedge variants: see "
+        "`bench/load/variants.py`.",
     ]
+    comparisons = comparisons_table(bench)
+    if comparisons:
+        lines += [
+            "",
+            "Issue 9 ratios (same round, median over rounds):",
+            "",
+            comparisons,
+        ]
+    for block in extra:
+        lines += ["", block]
     return "\n".join(lines)
 
 
@@ -872,6 +965,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-install", action="store_true", help="never apt-get; fail if a tool is missing"
     )
+    parser.add_argument(
+        "--memory-connections",
+        type=int,
+        default=10_000,
+        help="idle keep-alive connections for the memory scenario (10000; 0 = skip it)",
+    )
     return parser.parse_args(argv)
 
 
@@ -905,6 +1004,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not pin:
         print("bench-load: not pinning (needs CPUs 0 and 1 and taskset); numbers will be noisier")
     processes = Processes(pin=pin, taskset=tools.get("taskset"))
+    from bench.load import memory  # imports this module: not at the top
+
+    # Raised before anything starts, so the proxies inherit the descriptor limit.
+    memory_connections = (
+        memory.connections_within_limit(args.memory_connections)
+        if args.memory_connections > 0
+        else 0
+    )
+    memory_blocks: list[str] = []
     print(
         f"bench-load: {', '.join(args.only)}; {args.rounds} round(s) x {len(SCENARIOS)} scenarios "
         f"x {args.duration} s, wrk -c{args.connections}",
@@ -925,6 +1033,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         try:
             bench.run()
+            if memory_connections:
+                print(
+                    f"bench-load: memory, {memory_connections:,} idle keep-alive connections"
+                    + (
+                        f" (RLIMIT_NOFILE allows no more than that; {args.memory_connections:,} "
+                        "asked)"
+                        if memory_connections < args.memory_connections
+                        else ""
+                    ),
+                    flush=True,
+                )
+                results, failures = memory.run_memory(bench, memory_connections)
+                bench.failures.update({f"memory {k}": v for k, v in failures.items()})
+                memory_blocks.append(
+                    "Memory: resident set of the proxy's processes before and after opening "
+                    "idle keep-alive connections (each sent one `GET /small`); "
+                    "`bench/load/memory.py`.\n\n" + memory.markdown(results, failures)
+                )
+                print()
+                print(memory.markdown(results, failures))
         except HarnessError as exc:
             print(f"bench-load: {exc}", file=sys.stderr)
             return 2
@@ -936,8 +1064,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = summarise(bench)
     print()
     print(markdown_table(rows))
+    comparisons = comparisons_table(bench)
+    if comparisons:
+        print()
+        print(comparisons)
     if args.results is not None:
-        write_results(args.results, report(bench, rows, command, args.note))
+        write_results(args.results, report(bench, rows, command, args.note, memory_blocks))
         print(f"\nbench-load: wrote the load section of {args.results}")
     return 1 if bench.failures else 0
 
