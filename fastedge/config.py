@@ -40,9 +40,14 @@ from urllib.parse import SplitResult, urlsplit
 
 __all__ = [
     "AdminConfig",
+    "BreakerConfig",
     "Config",
     "ConfigError",
+    "FallbackResponseConfig",
+    "HealthCheckConfig",
+    "OutlierConfig",
     "PoolConfig",
+    "RetryConfig",
     "RouteConfig",
     "ServerConfig",
     "TLSConfig",
@@ -54,6 +59,7 @@ __all__ = [
     "parse_duration",
     "parse_listen",
     "parse_size",
+    "parse_targets",
     "redacted",
 ]
 
@@ -101,6 +107,7 @@ class ServerConfig:
     # Loopback by default: exposing a proxy is a decision, not an accident.
     http: HttpEngine = "auto"
     workers: int = 1
+    # Processes sharing the listener (fastedge.workers); "auto" = one per usable CPU.
     tls: TLSConfig | None = None
     header_timeout: float = 10.0
     # Time to receive the whole request head (slowloris). nginx client_header_timeout is
@@ -162,6 +169,9 @@ class TargetConfig:
     host: str
     port: int
     weight: int = 1
+    priority: int = 0
+    # Priority group: 0 takes the traffic while it has an available target, then 1, and
+    # so on (Envoy's priority levels, 0 = highest). Only used by resilient upstreams.
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +194,96 @@ class PoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """``[upstreams.NAME.health_check]``: active HTTP checks of every target."""
+
+    path: str = "/healthz"
+    interval: float = 2.0
+    # HAProxy "check inter 2s".
+    timeout: float = 1.0
+    # A health endpoint slower than 1 s is itself a sign (HAProxy's "timeout check" falls
+    # back to inter; nginx Plus health_check uses proxy_connect/read_timeout).
+    expected_statuses: tuple[str, ...] = ("2xx", "3xx")
+    # nginx Plus's default match: any 2xx or 3xx passes. Items are "Nxx" or a code.
+    rise: int = 2
+    fall: int = 3
+    # HAProxy "rise 2 fall 3": 2 passes bring a target back, 3 failures take it out.
+    host: str | None = None  # Host of the probes; None = host_header, else the target's
+
+    def statuses(self) -> frozenset[int]:
+        """The expected statuses as a set of codes."""
+        out: set[int] = set()
+        for item in self.expected_statuses:
+            if item.endswith("xx"):
+                base = int(item[0]) * 100
+                out.update(range(base, base + 100))
+            else:
+                out.add(int(item))
+        return frozenset(out)
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    """``[upstreams.NAME.outlier]``: passive ejection of targets that keep failing."""
+
+    consecutive_failures: int = 5
+    # Envoy outlier_detection consecutive_5xx 5 (5xx, connect errors and timeouts count).
+    base_ejection: float = 30.0
+    # Envoy base_ejection_time 30s, multiplied by the number of ejections...
+    max_ejection: float = 300.0
+    # ...up to Envoy's max_ejection_time 300s.
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """``[upstreams.NAME.breaker]``: a circuit breaker per target."""
+
+    failure_ratio: float = 0.5
+    # Hystrix circuitBreaker.errorThresholdPercentage 50.
+    min_requests: int = 20
+    # Hystrix circuitBreaker.requestVolumeThreshold 20 (outcomes in the window).
+    window: float = 10.0
+    # Hystrix metrics.rollingStats.timeInMilliseconds 10000 (10 buckets).
+    open_for: float = 5.0
+    # Hystrix circuitBreaker.sleepWindowInMilliseconds 5000.
+    open_for_max: float = 60.0
+    # A failed half-open probe doubles the open time up to this (Resilience4j's
+    # exponential waitDurationInOpenState, capped at 60 s).
+    half_open_probes: int = 1
+    # Hystrix lets a single trial request through.
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """``[upstreams.NAME.retry]``: retry policy and retry budget."""
+
+    attempts: int = 3
+    # Counts the first try (gRPC maxAttempts): up to two retries.
+    backoff_base: float = 0.025
+    backoff_max: float = 0.25
+    # Envoy's retry back-off: 25 ms base interval, capped at 10x.
+    jitter: Literal["full", "equal", "none"] = "full"
+    # "Exponential Backoff And Jitter" (AWS architecture blog, 2015) recommends full.
+    statuses: tuple[int, ...] = (502, 503, 504)
+    # Envoy retry_on "gateway-error".
+    on_timeout: bool = True
+    non_idempotent: bool = False
+    # nginx >= 1.9.13 retries non-idempotent requests only with "non_idempotent".
+    budget_ratio: float = 0.2
+    budget_min_per_second: float = 10.0
+    # Finagle RetryBudget(): retries <= 20% of requests + 10/s over a 10 s window.
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackResponseConfig:
+    """``[upstreams.NAME.fallback_response]``: a static answer when no target can serve."""
+
+    status: int = 503
+    body: str = ""
+    content_type: str = "text/plain; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     """``[upstreams.NAME]``: a named group of targets and how to reach them."""
 
@@ -198,6 +298,27 @@ class UpstreamConfig:
     hash_key: str = "ip"
     # consistent_hash only: what a request's affinity key is — "ip", "path",
     # "header:NAME", "cookie:NAME" or "claim:NAME" (a verified JWT claim; else the IP).
+    # Resilience (docs/resilience.md); None = not configured.
+    health_check: HealthCheckConfig | None = None
+    outlier: OutlierConfig | None = None
+    breaker: BreakerConfig | None = None
+    retry: RetryConfig | None = None
+    fallback: str | None = None  # another upstream's name: takes requests none can serve
+    fallback_response: FallbackResponseConfig | None = None  # or a static answer
+
+    @property
+    def resilient(self) -> bool:
+        """Whether requests go through the resilient path (health, breakers, priority
+        groups, retries, fallback); otherwise the plain fast path is used."""
+        return (
+            self.health_check is not None
+            or self.outlier is not None
+            or self.breaker is not None
+            or self.retry is not None
+            or self.fallback is not None
+            or self.fallback_response is not None
+            or len({t.priority for t in self.targets}) > 1
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -722,10 +843,22 @@ _TLS_SCHEMA: Final[_Schema] = {
     "key": _Key(_existing_file, required=True),
 }
 
+_WORKER_COUNT: Final = _integer(1, 64)
+
+
+def _workers(value: object) -> int:
+    # "auto": one worker per CPU this process may run on (fastedge.workers.cpu_count).
+    if value == "auto":
+        from fastedge.workers import cpu_count  # not at import time: workers imports config
+
+        return cpu_count()
+    return _WORKER_COUNT(value)
+
+
 _SERVER_SCHEMA: Final[_Schema] = {
     "listen": _Key(_field(_listen)),
     "http": _Key(_field(_choice("auto", "h11", "fast"))),
-    "workers": _Key(_field(_integer(1, 64))),
+    "workers": _Key(_field(_workers)),
     "tls": _Key(_tls),
     "header_timeout": _Key(_field(_duration_at_least(0, inclusive=False))),
     # 0 turns keep-alive off (nginx keepalive_timeout 0); 0 drain = close at once.
@@ -848,6 +981,8 @@ _TARGET_SCHEMA: Final[_Schema] = {
     "url": _Key(_field(_target_url), required=True),
     # HAProxy's weight range; it also bounds the consistent-hash ring (points per weight).
     "weight": _Key(_field(_integer(1, 256))),
+    # Envoy's priority levels are 0 (highest) and up; 127 groups is more than plenty.
+    "priority": _Key(_field(_integer(0, 127))),
 }
 
 
@@ -860,7 +995,9 @@ def _target(ctx: _Context, path: str, value: object) -> Any:
     if table is None or not table.complete:
         return _INVALID
     target: TargetConfig = table.values["url"]
-    return dataclasses.replace(target, weight=table.values.get("weight", 1))
+    return dataclasses.replace(
+        target, weight=table.values.get("weight", 1), priority=table.values.get("priority", 0)
+    )
 
 
 def _targets(ctx: _Context, path: str, value: object) -> Any:
@@ -903,6 +1040,187 @@ def _pool(ctx: _Context, path: str, value: object) -> Any:
     return _build(_read_table(ctx, path, value, _POOL_SCHEMA), PoolConfig)
 
 
+def parse_targets(value: object, *, path: str = "targets") -> tuple[TargetConfig, ...]:
+    """Validate a ``targets`` array outside a config file (the admin API's runtime
+    target change): the same rules as ``[upstreams.NAME] targets``, every problem
+    reported with its key path in one :class:`ConfigError`."""
+    ctx = _Context(errors=[], base_dir="", upstream_names=frozenset())
+    targets = _targets(ctx, path, value)
+    if ctx.errors or targets is _INVALID:
+        raise ConfigError(ctx.errors)
+    result: tuple[TargetConfig, ...] = targets
+    return result
+
+
+# Resilience sub-tables of an upstream (docs/resilience.md). Defaults and their sources
+# are on the dataclasses above.
+
+
+def _fraction(low: float, high: float) -> Callable[[object], float]:
+    """A number in (low, high]."""
+
+    def parse(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _expected("a number", value)
+        number = float(value)
+        if not (low < number <= high):
+            raise ValueError(f"must be greater than {low:g} and at most {high:g}, got {value}")
+        return number
+
+    return parse
+
+
+def _non_negative(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _expected("a number", value)
+    number = float(value)
+    if not (number >= 0 and math.isfinite(number)):
+        raise ValueError(f"must be a finite number >= 0, got {value}")
+    return number
+
+
+def _status_specs(value: object) -> tuple[str, ...]:
+    """Expected health-check statuses: codes (200) and classes ("2xx")."""
+    if not isinstance(value, list | tuple):
+        raise _expected('an array of status codes or classes like "2xx"', value)
+    if not value:
+        raise ValueError("must not be empty")
+    out: list[str] = []
+    for index, item in enumerate(value):
+        if isinstance(item, int) and not isinstance(item, bool) and 100 <= item <= 599:
+            out.append(str(item))
+        elif isinstance(item, str) and re.fullmatch(r"[1-5]xx", item.lower()):
+            out.append(item.lower())
+        else:
+            shown = _show(item) if isinstance(item, str) else repr(item)
+            raise ValueError(f"item {index} is not a status 100-599 or a class like '2xx': {shown}")
+    return tuple(out)
+
+
+def _retry_statuses(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple):
+        raise _expected("an array of status codes", value)
+    out: list[int] = []
+    for index, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 599:
+            raise ValueError(f"item {index} is not a status code 100-599: {item!r}")
+        out.append(item)
+    return tuple(sorted(set(out)))
+
+
+def _health_path(value: object) -> str:
+    text = _string(value)
+    if not text.startswith("/") or not text.isascii() or any(c.isspace() for c in text):
+        raise ValueError(f"must be a path starting with '/', without spaces, got {_show(text)}")
+    return text
+
+
+def _text(value: object) -> str:
+    """Any string, empty allowed (a response body)."""
+    if not isinstance(value, str):
+        raise _expected("a string", value)
+    return value
+
+
+_HEALTH_CHECK_SCHEMA: Final[_Schema] = {
+    "path": _Key(_field(_health_path)),
+    "interval": _Key(_field(_duration_at_least(0, inclusive=False))),
+    "timeout": _Key(_field(_duration_at_least(0, inclusive=False))),
+    "expected_statuses": _Key(_field(_status_specs)),
+    "rise": _Key(_field(_integer(1, 100))),
+    "fall": _Key(_field(_integer(1, 100))),
+    "host": _Key(_field(_host_and_port)),
+}
+
+_OUTLIER_SCHEMA: Final[_Schema] = {
+    "consecutive_failures": _Key(_field(_integer(1, 1000))),
+    "base_ejection": _Key(_field(_duration_at_least(0, inclusive=False))),
+    "max_ejection": _Key(_field(_duration_at_least(0, inclusive=False))),
+}
+
+_BREAKER_SCHEMA: Final[_Schema] = {
+    "failure_ratio": _Key(_field(_fraction(0.0, 1.0))),
+    "min_requests": _Key(_field(_integer(1, 1_000_000))),
+    "window": _Key(_field(_duration_at_least(0, inclusive=False))),
+    "open_for": _Key(_field(_duration_at_least(0, inclusive=False))),
+    "open_for_max": _Key(_field(_duration_at_least(0, inclusive=False))),
+    "half_open_probes": _Key(_field(_integer(1, 1000))),
+}
+
+_RETRY_SCHEMA: Final[_Schema] = {
+    "attempts": _Key(_field(_integer(1, 10))),
+    "backoff_base": _Key(_field(_duration_at_least(0, inclusive=True))),
+    "backoff_max": _Key(_field(_duration_at_least(0, inclusive=True))),
+    "jitter": _Key(_field(_choice("full", "equal", "none"))),
+    "statuses": _Key(_field(_retry_statuses)),
+    "on_timeout": _Key(_field(_boolean)),
+    "non_idempotent": _Key(_field(_boolean)),
+    "budget_ratio": _Key(_field(_non_negative)),
+    "budget_min_per_second": _Key(_field(_non_negative)),
+}
+
+_FALLBACK_RESPONSE_SCHEMA: Final[_Schema] = {
+    "status": _Key(_field(_integer(200, 599))),
+    "body": _Key(_field(_text)),
+    "content_type": _Key(_field(_string)),
+}
+
+
+def _ordered(
+    ctx: _Context, path: str, table: _Table, low: str, high: str, default: tuple[float, float]
+) -> None:
+    """``table[low] <= table[high]`` (with the dataclass defaults for missing keys)."""
+    lo = table.values.get(low, default[0])
+    hi = table.values.get(high, default[1])
+    if lo > hi:
+        table.complete = False
+        ctx.error(_join(path, high), f"must be at least {low} ({hi:g}s < {lo:g}s)")
+
+
+def _health_check(ctx: _Context, path: str, value: object) -> Any:
+    return _build(_read_table(ctx, path, value, _HEALTH_CHECK_SCHEMA), HealthCheckConfig)
+
+
+def _outlier(ctx: _Context, path: str, value: object) -> Any:
+    table = _read_table(ctx, path, value, _OUTLIER_SCHEMA)
+    if table is not None:
+        d = OutlierConfig()
+        limits = (d.base_ejection, d.max_ejection)
+        _ordered(ctx, path, table, "base_ejection", "max_ejection", limits)
+    return _build(table, OutlierConfig)
+
+
+def _breaker(ctx: _Context, path: str, value: object) -> Any:
+    table = _read_table(ctx, path, value, _BREAKER_SCHEMA)
+    if table is not None:
+        d = BreakerConfig()
+        _ordered(ctx, path, table, "open_for", "open_for_max", (d.open_for, d.open_for_max))
+    return _build(table, BreakerConfig)
+
+
+def _retry(ctx: _Context, path: str, value: object) -> Any:
+    table = _read_table(ctx, path, value, _RETRY_SCHEMA)
+    if table is not None:
+        d = RetryConfig()
+        _ordered(ctx, path, table, "backoff_base", "backoff_max", (d.backoff_base, d.backoff_max))
+    return _build(table, RetryConfig)
+
+
+def _fallback_response(ctx: _Context, path: str, value: object) -> Any:
+    return _build(_read_table(ctx, path, value, _FALLBACK_RESPONSE_SCHEMA), FallbackResponseConfig)
+
+
+def _fallback(ctx: _Context, path: str, value: object) -> Any:
+    try:
+        name = _string(value)
+    except ValueError as exc:
+        return ctx.error(path, str(exc))
+    if name not in ctx.upstream_names:
+        hint = _did_you_mean(name, sorted(ctx.upstream_names))
+        return ctx.error(path, f"unknown upstream {_show(name)}{hint}")
+    return name
+
+
 def _hash_key(value: object) -> str:
     text = _string(value)
     kind, _, arg = text.partition(":")
@@ -922,6 +1240,12 @@ _UPSTREAM_SCHEMA: Final[_Schema] = {
     "tls_server_name": _Key(_field(_hostname_value)),
     "host_header": _Key(_field(_host_and_port)),
     "hash_key": _Key(_field(_hash_key)),
+    "health_check": _Key(_health_check),
+    "outlier": _Key(_outlier),
+    "breaker": _Key(_breaker),
+    "retry": _Key(_retry),
+    "fallback": _Key(_fallback),
+    "fallback_response": _Key(_fallback_response),
 }
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -941,6 +1265,21 @@ def _upstream(ctx: _Context, path: str, name: str, value: object) -> Any:
             if key in table.values:
                 table.complete = False
                 ctx.error(_join(path, key), "set, but no target of this upstream uses https")
+    values = table.values
+    if values.get("fallback") == name:
+        table.complete = False
+        ctx.error(_join(path, "fallback"), "an upstream cannot be its own fallback")
+    if "fallback" in values and "fallback_response" in values:
+        table.complete = False
+        ctx.error(_join(path, "fallback_response"), "set both fallback and fallback_response")
+    if ("fallback" in values or "fallback_response" in values) and not (
+        "health_check" in values or "breaker" in values
+    ):
+        # The fallback answers when no target is available; without health checks or
+        # breakers every target always is (outlier ejection never takes them all out).
+        key = "fallback" if "fallback" in values else "fallback_response"
+        table.complete = False
+        ctx.error(_join(path, key), "needs health_check or breaker (else never used)")
     return _build(table, UpstreamConfig, name=name)
 
 
@@ -956,6 +1295,16 @@ def _upstreams(ctx: _Context, path: str, value: object) -> Any:
         upstream = _upstream(ctx, item_path, name, item)
         if upstream is not _INVALID:
             upstreams[name] = upstream
+    for name, upstream in upstreams.items():
+        # A fallback chain must end: a -> b -> a would pass a request around forever.
+        seen = [name]
+        nxt = upstream.fallback
+        while nxt is not None and nxt in upstreams and nxt not in seen:
+            seen.append(nxt)
+            nxt = upstreams[nxt].fallback
+        if nxt == name:
+            chain = " -> ".join([*seen, name])
+            ctx.error(_join(_join(path, name), "fallback"), f"fallback cycle: {chain}")
     return upstreams
 
 
@@ -1076,10 +1425,18 @@ EXTENSION_SECTIONS: Final[dict[str, str]] = {
     "auth": "fastedge.filters.auth:convert_auth_section",
     "rate_limits": "fastedge.filters.ratelimit:convert_rate_limits_section",
     "tracing": "fastedge.observe.tracing_config:convert_tracing_section",
+    "traffic": "fastedge.filters.traffic:convert_traffic_section",
+    "flags": "fastedge.filters.traffic:convert_flags_section",
+    "traffic_state": "fastedge.filters.traffic:convert_traffic_state_section",
+    "caches": "fastedge.filters.cache:convert_caches_section",
 }
 EXTENSION_ROUTE_KEYS: Final[dict[str, str]] = {
     "auth": "fastedge.filters.auth:convert_route_auth",
     "rate_limit": "fastedge.filters.ratelimit:convert_route_rate_limit",
+    "traffic": "fastedge.filters.traffic:convert_route_traffic",
+    "flags": "fastedge.filters.traffic:convert_route_flags",
+    "cache": "fastedge.filters.cache:convert_route_cache",
+    "batch": "fastedge.filters.batch:convert_route_batch",
 }
 
 

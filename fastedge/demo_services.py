@@ -20,7 +20,10 @@ Every service also answers, for the proxy's own tests:
   "headers": [[name, value], ...]}`` (header order and duplicates kept);
 * ``POST /echo`` (and ``PUT``) → the request body, with its ``Content-Type``;
 * ``GET /bytes/{n}`` → ``n`` bytes of the repeating pattern :data:`BYTES_PATTERN`, sent
-  chunked in pieces of at most 64 KiB (``n`` ≤ :data:`MAX_STREAM_BYTES`).
+  chunked in pieces of at most 64 KiB (``n`` ≤ :data:`MAX_STREAM_BYTES`);
+* ``POST /batch`` → the gateway's batch format (docs/batching.md): a JSON array of GET/HEAD
+  requests, each answered by this service as if it came alone (the demo's batch route
+  ``/api/prices`` uses it on products).
 
 Errors use the house shape ``{"error", "status", "request_id"}``.
 """
@@ -30,7 +33,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -38,7 +48,8 @@ from urllib.parse import unquote
 import jwt
 import orjson
 
-from fastedge.minihttp import HttpServer, Request, Response, start_server
+from fastedge.filters.batch_wire import WireError, answer_entry, decode_requests, encode_answers
+from fastedge.minihttp import HttpServer, Request, Response, error_body, start_server
 
 __all__ = [
     "BYTES_PATTERN",
@@ -66,6 +77,9 @@ MAX_STREAM_BYTES = 1 << 30
 """Largest ``n`` for ``GET /bytes/{n}`` (1 GiB: plenty for streaming tests, bounded)."""
 
 _STREAM_CHUNK = 64 * 1024
+# An item of a batch answer is held in memory whole: 1 MiB (nginx's client_max_body_size
+# default) keeps one batch call bounded; larger answers are for unbatched requests.
+_MAX_BATCH_ITEM_BYTES = 1024 * 1024
 
 USERS: tuple[dict[str, Any], ...] = (
     {"id": 1, "name": "alice", "email": "alice@example.com", "disabled": False},
@@ -121,6 +135,8 @@ def _make_service(
             if method != "GET":
                 return _not_allowed(request, "GET, HEAD")
             response = Response.json({"status": "ok", "service": name, "version": version})
+        elif segments == ["batch"] and request.method == "POST":
+            response = await _batch(request, handle)
         elif segments == ["echo"]:
             response = _echo(request, name, version, method)
         elif len(segments) == 2 and segments[0] == "bytes":
@@ -135,6 +151,57 @@ def _make_service(
         return response
 
     return handle
+
+
+async def _batch(request: Request, handle: Callable[[Request], Awaitable[Response]]) -> Response:
+    """``POST /batch``: the gateway's batch format (docs/batching.md); each item is served
+    by this same service, as if it had come alone."""
+    try:
+        items = decode_requests(request.body)
+    except WireError as exc:
+        return Response.error(400, str(exc), request.request_id)
+    entries = []
+    for item in items:
+        path, _, query = item.path.partition("?")
+        headers = list(item.headers.items())
+        rid = item.headers.get("x-request-id") or request.request_id
+        sub = Request(
+            method=item.method,
+            path=path,
+            query=query,
+            headers=headers,
+            body=b"",
+            request_id=rid,
+            client=request.client,
+        )
+        answer = await handle(sub)
+        # A streamed body (/bytes/N) goes into the answer whole, so it is bounded.
+        body = (
+            answer.body
+            if isinstance(answer.body, bytes)
+            else await _collect(answer.body, _MAX_BATCH_ITEM_BYTES)
+        )
+        if body is None:
+            limit = f"{_MAX_BATCH_ITEM_BYTES} bytes"
+            answer = Response.error(500, f"answer exceeds the batch item limit ({limit})", rid)
+            body = error_body(500, f"answer exceeds the batch item limit ({limit})", rid)
+        entries.append(answer_entry(item.id, answer.status, answer.headers, body))
+    return Response(200, [("content-type", "application/json")], encode_answers(entries))
+
+
+async def _collect(body: AsyncIterable[bytes], limit: int) -> bytes | None:
+    """The whole streamed body, or ``None`` as soon as it exceeds ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in body:
+        size += len(chunk)
+        if size > limit:
+            close = getattr(body, "aclose", None)  # an async generator: finish it now
+            if close is not None:
+                await close()
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _not_allowed(request: Request, allow: str) -> Response:

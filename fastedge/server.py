@@ -32,6 +32,7 @@ from fastedge.config import Config, ConfigError, load_config, redacted
 from fastedge.filters import Runtime
 from fastedge.gateway import Gateway, build_gateway, make_runtime, redis_url
 from fastedge.http.engine import Engine
+from fastedge.observe.collectors import ServerCollector, process_families
 from fastedge.observe.logging import AccessLog
 from fastedge.observe.metrics import MetricFamily, Metrics
 from fastedge.observe.tracing import Tracer
@@ -43,7 +44,12 @@ log = logging.getLogger("fastedge.server")
 # Admin endpoints owned by feature modules: "module:function" taking the ProxyServer and
 # returning {(method, path pattern): handler} (see fastedge.admin.api). Imported when the
 # admin listener starts, so a feature's module loads only where the admin API runs.
-ADMIN_EXTENSIONS: list[str] = []
+ADMIN_EXTENSIONS: list[str] = [
+    "fastedge.admin.dashboard:admin_routes",
+    "fastedge.admin.traffic:admin_routes",
+    "fastedge.admin.cache:admin_routes",
+    "fastedge.admin.upstreams:upstream_routes",
+]
 
 _LOOPBACK = ("127.", "::1", "localhost")
 
@@ -61,6 +67,7 @@ class ProxyServer:
         admin_token: str | None = None,
         sock: socket.socket | None = None,
         http_override: str | None = None,
+        reuse_port: bool = False,
     ) -> None:
         # `fastedge run --http X` beats the file's server.http, on every reload too.
         self.http_override = http_override
@@ -86,6 +93,9 @@ class ProxyServer:
         )
         self._server: asyncio.Server | None = None
         self._sock = sock
+        # SO_REUSEPORT on the listener: each `--workers` process binds its own socket to
+        # the same address and the kernel spreads new connections (fastedge.workers).
+        self._reuse_port = reuse_port
         self._admin: Any = None
         self._admin_token = admin_token
         self._ready = False
@@ -93,6 +103,8 @@ class ProxyServer:
         self._retired: list[Gateway] = []
         self._closing: set[asyncio.Task[None]] = set()
         self.metrics.add_collector(self._pool_gauges)
+        self.metrics.add_collector(ServerCollector(self))  # limiter keys, span store size
+        self.metrics.add_collector(process_families)
 
     # --- start --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -118,6 +130,7 @@ class ProxyServer:
                 ssl=ssl_ctx,
                 backlog=srv.backlog,
                 reuse_address=True,
+                reuse_port=self._reuse_port or None,
             )
         admin = self.config.admin
         if admin.listen is not None:

@@ -78,9 +78,7 @@ async def test_caller_trace_is_continued_and_recorded(
         admin = await Client.open(server.admin_port or 0)
         await admin.send(get("/traces?limit=5", extra="Authorization: Bearer t\r\n"))
         listed = json.loads((await admin.read_response()).body)["spans"]
-        assert sorted(s["span_id"] for s in listed) == sorted(
-            [span["span_id"], client["span_id"]]
-        )
+        assert sorted(s["span_id"] for s in listed) == sorted([span["span_id"], client["span_id"]])
         await admin.close()
     finally:
         await server.shutdown(drain_timeout=1)

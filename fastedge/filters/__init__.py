@@ -17,7 +17,9 @@ filter implements only the phases it needs:
   connection and sends the replacement.
 * ``on_response_body(ctx, chunk)``, ``on_response_end(ctx)``, ``on_response_abort(ctx)``
   see the upstream's body as it streams to the client (a cache fill); they run only for
-  chains that have such a filter. ``abort`` means the response did not complete.
+  chains that have such a filter. ``abort`` means the response did not complete; it is
+  also called on the filters *before* one that answered the request itself (a refusal,
+  a batched answer), since the upstream response they prepared for will not come.
 * ``on_error(ctx, err)`` may return a :class:`Response` to send instead of the error
   answer for an upstream failure (stale-if-error), as long as nothing was sent yet.
 
@@ -87,6 +89,10 @@ FILTER_ORDER: tuple[str, ...] = ("auth", "rate_limit", "traffic", "flags", "cach
 FILTER_BUILDERS: dict[str, str] = {
     "auth": "fastedge.filters.auth:build_auth_filter",
     "rate_limit": "fastedge.filters.ratelimit:build_rate_limit_filter",
+    "traffic": "fastedge.filters.traffic:build_traffic_filter",
+    "flags": "fastedge.filters.traffic:build_flags_filter",
+    "cache": "fastedge.filters.cache:build_cache_filter",
+    "batch": "fastedge.filters.batch:build_batch_filter",
 }
 
 
@@ -258,7 +264,10 @@ class FilterChain:
 
     def run_request(self, ctx: FilterContext) -> Answer | Awaitable[Answer]:
         """Run ``on_request`` in order; synchronous until a filter needs to wait."""
-        if ctx.span is not None:
+        span = ctx.span
+        if span is not None and span.recording:
+            # Child spans only for sampled requests: an unsampled one (most, at a low
+            # sampling ratio) would build and discard a span object per filter.
             return self._run_traced(ctx)
         filters = self.filters
         for i, f in enumerate(filters):
@@ -267,6 +276,8 @@ class FilterChain:
                 continue
             if inspect.isawaitable(decision):
                 return self._finish_async(decision, ctx, i + 1)
+            if i and self.abort_filters:
+                self._abort_before(ctx, i)
             return decision
         return None
 
@@ -284,6 +295,8 @@ class FilterChain:
                 return self._finish_async(decision, ctx, i + 1, child)
             _end_filter_span(child, decision)
             if decision is not None:
+                if i and self.abort_filters:
+                    self._abort_before(ctx, i)
                 return decision
         return None
 
@@ -299,10 +312,14 @@ class FilterChain:
         if child is not None:
             _end_filter_span(child, decision)
         if decision is not None:
+            if start > 1 and self.abort_filters:
+                self._abort_before(ctx, start - 1)
             return decision
         span = ctx.span
-        for f in self.filters[start:]:
-            child = span.child(f"fastedge.{f.name}") if span is not None else None
+        for i, f in enumerate(self.filters[start:], start):
+            child = (
+                span.child(f"fastedge.{f.name}") if span is not None and span.recording else None
+            )
             try:
                 result = f.on_request(ctx)
                 if inspect.isawaitable(result):
@@ -314,8 +331,21 @@ class FilterChain:
             if child is not None:
                 _end_filter_span(child, result)
             if result is not None:
+                if self.abort_filters:
+                    self._abort_before(ctx, i)
                 return result
         return None
+
+    def _abort_before(self, ctx: FilterContext, i: int) -> None:
+        """Filter ``i`` answered the request itself (a batched answer, a refusal): the
+        upstream response that filters before it prepared for will not come, so they
+        get ``on_response_abort`` (a cache leading a fill lets its followers go)."""
+        for f in self.filters[:i]:
+            if f in self.abort_filters:
+                try:
+                    f.on_response_abort(ctx)  # type: ignore[attr-defined]
+                except Exception:  # cleanup must not turn an answer into a 500
+                    _log.exception("on_response_abort of %s failed", f.name)
 
     async def aclose(self) -> None:
         """Release what filters hold (background JWKS fetches, ...)."""
@@ -334,9 +364,7 @@ class FilterChain:
                 replacement = result
                 break
         if replacement is not None:
-            if ctx.response_headers:
-                replacement.headers.extend(ctx.response_headers)
-            return replacement
+            return replacement  # the proxy's respond() adds ctx.response_headers
         if ctx.response_headers:
             headers.extend(ctx.response_headers)
         return None
@@ -364,9 +392,7 @@ class FilterChain:
         for f in self.error_filters:
             result: Response | None = f.on_error(ctx, err)
             if result is not None:
-                if ctx.response_headers:
-                    result.headers.extend(ctx.response_headers)
-                return result
+                return result  # the proxy's respond() adds ctx.response_headers
         return None
 
 
