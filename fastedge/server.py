@@ -132,6 +132,16 @@ class ProxyServer:
                 reuse_address=True,
                 reuse_port=self._reuse_port or None,
             )
+        try:
+            await self._start_admin()
+        except BaseException:
+            # A half-started server (listener bound, feature services running) must not
+            # outlive the failure: release everything, then report it.
+            await self.shutdown(drain_timeout=0)
+            raise
+        self._ready = True
+
+    async def _start_admin(self) -> None:
         admin = self.config.admin
         if admin.listen is not None:
             from fastedge.admin.api import AdminServer
@@ -156,7 +166,6 @@ class ProxyServer:
                 extra_routes=self._admin_routes(),
             )
             await self._admin.start()
-        self._ready = True
 
     @property
     def tracer(self) -> Tracer | None:
