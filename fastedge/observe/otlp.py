@@ -9,10 +9,11 @@ with what it already depends on (``orjson`` to encode, ``h11`` for HTTP) instead
 ``opentelemetry-proto`` and ``protobuf``; the price is a larger body (about 2x), which at
 one POST per second (or per 512 spans) does not matter.
 
-Export never slows or fails a request: :meth:`OTLPExporter.export` appends to a bounded
-deque (O(1), no I/O, no await) and drops the span — counting it in
-``fastedge_trace_spans_dropped_total`` — when the queue is full. A background task sends
-batches; failures are retried when the spec says so and then dropped and counted, and
+Export never slows or fails a request: :meth:`OTLPExporter.export` hands the span to a
+:class:`~fastedge.batching.RequestBatcher` with ``put_nowait`` (O(1), no I/O, no await, no
+future) and drops it — counting it in ``fastedge_trace_spans_dropped_total`` — when
+``max_queue`` spans are already held. The batcher sends batches by size and time, one POST
+at a time; failures are retried when the spec says so and then dropped and counted, and
 never surface in the request path.
 """
 
@@ -31,6 +32,7 @@ from urllib.parse import urlsplit
 import h11
 import orjson
 
+from fastedge.batching import BatcherClosed, BatcherFull, RequestBatcher
 from fastedge.observe.metrics import MetricFamily
 from fastedge.observe.tracing import AttributeValue, Span
 
@@ -303,20 +305,30 @@ def _retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:
 class OTLPExporter:
     """Export finished spans to an OTLP/HTTP endpoint as JSON, in the background.
 
-    * ``export(span)``: synchronous, O(1); drops (and counts) when ``max_queue`` spans are
-      already waiting. Defaults follow the OpenTelemetry SDK's BatchSpanProcessor
-      (``maxQueueSize`` 2048, ``maxExportBatchSize`` 512); ``flush_interval`` is 1 s rather
-      than the SDK's 5 s so the demo's collector shows requests promptly.
-    * a batch is sent when ``max_batch`` spans are queued or ``flush_interval`` passed;
-      each POST has ``timeout`` seconds; 429/502/503/504 and connection errors are retried
-      ``max_retries`` times with exponential backoff (``backoff * 2**n``, full jitter,
-      honouring ``Retry-After``), as the OTLP spec asks; then the batch is dropped.
+    Batching is a :class:`~fastedge.batching.RequestBatcher` fed fire-and-forget
+    (``put_nowait``), with ``max_in_flight=1``: one POST at a time on the one keep-alive
+    connection, and while it is out the next batch keeps filling.
+
+    * ``export(span)``: synchronous, O(1), never blocks or raises; drops (and counts) when
+      ``max_queue`` spans are already held (waiting or being sent). Defaults follow the
+      OpenTelemetry SDK's BatchSpanProcessor (``maxQueueSize`` 2048,
+      ``maxExportBatchSize`` 512); ``flush_interval`` is 1 s rather than the SDK's 5 s so
+      the demo's collector shows requests promptly.
+    * a batch is sent when ``max_batch`` spans are queued or its first span has waited
+      ``flush_interval``; each POST has ``timeout`` seconds; 429/502/503/504 and connection
+      errors are retried ``max_retries`` times with exponential backoff (``backoff * 2**n``,
+      full jitter, honouring ``Retry-After``), as the OTLP spec asks; then the batch is
+      dropped.
     * ``metrics`` (optional) receives ``fastedge_trace_spans_dropped_total{reason}``,
       ``fastedge_trace_spans_exported_total`` and the queue-length gauge.
-    * ``aclose()`` sends what is queued and closes the connection.
+    * ``force_flush()`` sends what is held now and waits for it; ``aclose()`` also stops
+      accepting spans and closes the connection. Cancelling either stops the wait only:
+      the spans still go out (or are counted as dropped).
 
-    The sender task starts on the first ``export`` made inside a running loop (or with
-    :meth:`start`).
+    Every span handed to ``export`` ends up in ``exported`` or ``dropped`` (or is still
+    ``queued``). Spans exported before any event loop runs are held (within
+    ``max_queue``) until the first ``export`` inside a running loop, :meth:`start`,
+    :meth:`force_flush` or :meth:`aclose`.
     """
 
     def __init__(
@@ -348,11 +360,19 @@ class OTLPExporter:
         self.service_name = service_name
         self.resource_attributes = dict(resource_attributes or {})
         self._headers = [("content-type", "application/json"), *(headers or {}).items()]
-        self._queue: deque[Span] = deque()
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
+        # on_full="error" is moot (put_nowait never waits); max_in_flight=1 because there
+        # is one connection, and so a slow collector gets fewer, fuller batches.
+        self._batcher: RequestBatcher[Span, None] = RequestBatcher(
+            self._export_batch,
+            max_batch=max_batch,
+            max_wait=flush_interval,
+            max_queued=max_queue,
+            on_full="error",
+            max_in_flight=1,
+        )
+        self._started = False  # bound to a running loop: export() goes to the batcher
+        self._early: list[Span] = []  # exported before any loop ran; moved in by start()
         self._closing = False
-        self._send_lock: asyncio.Lock | None = None
         self.metrics = metrics
         self.dropped = 0
         """Spans dropped for any reason (also counted in ``metrics``)."""
@@ -362,7 +382,8 @@ class OTLPExporter:
             metrics.describe(
                 DROPPED_TOTAL,
                 "counter",
-                "Finished spans not exported, by reason (queue_full, export_failed, rejected).",
+                "Finished spans not exported, by reason "
+                "(queue_full, closed, export_failed, rejected, cancelled).",
             )
             metrics.describe(EXPORTED_TOTAL, "counter", "Spans accepted by the OTLP endpoint.")
             metrics.add_collector(self._collect)
@@ -370,49 +391,54 @@ class OTLPExporter:
     # -- request path ---------------------------------------------------------------------------
 
     def export(self, span: Span) -> None:
-        """Queue ``span`` for export; drop and count it when the queue is full or the
-        exporter is closing. Never blocks, never raises."""
-        queue = self._queue
-        if self._closing or len(queue) >= self.max_queue:
-            self._drop(1, "queue_full" if not self._closing else "closed")
+        """Queue ``span`` for export; drop and count it when ``max_queue`` spans are held
+        or the exporter is closing. Never blocks, never raises."""
+        if not self._started:
+            self._export_unstarted(span)
             return
-        queue.append(span)
-        if self._task is None:
-            self._start_if_running()
-        elif len(queue) >= self.max_batch and self._wakeup is not None:
-            self._wakeup.set()
+        try:
+            self._batcher.put_nowait(span)
+        except BatcherFull:
+            self._drop(1, "queue_full")
+        except BatcherClosed:
+            self._drop(1, "closed")
+        except RuntimeError:
+            # No running loop in this thread (a span ended after the loop stopped): the
+            # loop that sends is gone, as good as closed.
+            self._drop(1, "closed")
 
     @property
     def queued(self) -> int:
-        """Spans waiting to be sent."""
-        return len(self._queue)
+        """Spans held for export: waiting for their batch or being sent (at most
+        ``max_queue``)."""
+        return len(self._early) + self._batcher.outstanding
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the background sender (needs a running event loop). Idempotent."""
-        if self._task is None and not self._closing:
-            self._wakeup = asyncio.Event()
-            self._send_lock = asyncio.Lock()
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        """Bind to the running event loop (``RuntimeError`` without one) and queue the
+        spans exported before it ran. Idempotent; called by the first ``export`` made
+        inside a running loop."""
+        if self._started:
+            return
+        asyncio.get_running_loop()
+        self._started = True
+        early, self._early = self._early, []
+        for span in early:  # they fit: the batcher is empty and len(early) <= max_queue
+            self.export(span)
 
     async def force_flush(self) -> None:
-        """Send everything queued now (in batches of ``max_batch``), then return."""
-        while self._queue:
-            await self._send_one_batch()
+        """Send every span held now (in batches of ``max_batch``) and return once each
+        is exported or dropped."""
+        self.start()
+        await self._batcher.flush()
 
     async def aclose(self) -> None:
-        """Stop accepting spans, send what is queued, and close the connection.
+        """Stop accepting spans, send what is held, and close the connection.
         Idempotent; never raises for export failures (they are counted)."""
-        if self._closing and self._task is None:
-            return
+        self.start()  # spans held from before the loop go out too
         self._closing = True
-        task, self._task = self._task, None
-        if task is not None:
-            assert self._wakeup is not None
-            self._wakeup.set()
-            await task
-        await self.force_flush()
+        await self._batcher.aclose()
         await self._client.aclose()
         if self.metrics is not None:
             with contextlib.suppress(ValueError):
@@ -420,12 +446,22 @@ class OTLPExporter:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _start_if_running(self) -> None:
+    def _export_unstarted(self, span: Span) -> None:
+        if self._closing:
+            self._drop(1, "closed")
+            return
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return  # no loop yet: spans wait in the queue until start()
+            # No loop yet (spans ended during startup): hold the span, bounded like the
+            # queue, until the exporter is started.
+            if len(self._early) >= self.max_queue:
+                self._drop(1, "queue_full")
+            else:
+                self._early.append(span)
+            return
         self.start()
+        self.export(span)
 
     def _drop(self, n: int, reason: str) -> None:
         self.dropped += n
@@ -437,37 +473,25 @@ class OTLPExporter:
             MetricFamily(
                 QUEUE_GAUGE,
                 "gauge",
-                "Finished spans waiting to be exported.",
-                [(QUEUE_GAUGE, (), len(self._queue))],
+                "Finished spans held for export (waiting or being sent).",
+                [(QUEUE_GAUGE, (), self.queued)],
             )
         ]
 
-    async def _run(self) -> None:
-        """The sender: wait for a full batch or the interval, send, repeat until closing."""
-        wakeup = self._wakeup
-        assert wakeup is not None
-        while not self._closing:
-            if len(self._queue) < self.max_batch:
-                wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wakeup.wait(), self.flush_interval)
-            if self._closing:
-                break  # aclose() flushes the rest itself
-            try:
-                await self.force_flush()
-            except Exception:  # a bug, not an export failure: keep the sender alive
-                logger.exception("OTLP sender failed")
-
-    async def _send_one_batch(self) -> None:
-        # One POST in flight at a time: the lock keeps force_flush() and the sender task
-        # from interleaving on the single connection.
-        if self._send_lock is None:
-            self._send_lock = asyncio.Lock()
-        async with self._send_lock:
-            queue = self._queue
-            batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
-            if batch:
-                await self._send(batch)
+    async def _export_batch(self, batch: list[Span]) -> list[None]:
+        """The batcher's handler: one POST (with retries). Accounts for every span
+        itself — exported or dropped — and never raises but CancelledError."""
+        try:
+            await self._send(batch)
+        except asyncio.CancelledError:
+            # Only loop teardown cancels a batch (force_flush/aclose never do): count the
+            # spans so that exported + dropped stays exact.
+            self._drop(len(batch), "cancelled")
+            raise
+        except Exception:  # a bug, not an export failure: count the spans, keep going
+            logger.exception("OTLP export of %d spans failed unexpectedly", len(batch))
+            self._drop(len(batch), "export_failed")
+        return [None] * len(batch)
 
     async def _send(self, batch: list[Span]) -> None:
         body = encode_spans(batch, self.service_name, self.resource_attributes)
