@@ -16,34 +16,12 @@ import sys
 
 import uvloop
 
-from bench.test_bench_proxy import REQUEST, RESPONSE, FakeTransport
-from fastedge.config import parse_config
-from fastedge.proxy import ClientConnection, UpstreamConnection
-from fastedge.server import ProxyServer
+from bench.test_bench_proxy import REQUEST, RESPONSE, fake_document, fake_server
 
 
 async def drive(count: int) -> None:
     """Build a gateway with one idle pooled upstream connection and relay ``count``."""
-    config = parse_config(
-        {
-            "server": {
-                "listen": "127.0.0.1:0",
-                "http": "fast",
-                "access_log": False,
-                "max_requests_per_connection": 0,
-            },
-            "admin": {"enabled": False},
-            "upstreams": {"o": {"targets": ["http://127.0.0.1:1"]}},
-            "routes": [{"prefix": "/", "upstream": "o"}],
-        }
-    )
-    server = ProxyServer(config)
-    target = server.gateway.upstreams["o"].targets[0]
-    upstream = UpstreamConnection(target)
-    upstream.connection_made(FakeTransport())  # type: ignore[arg-type]
-    target.pool.state.idle.append(upstream)
-    client = ClientConnection(server, b"http")
-    client.connection_made(FakeTransport())  # type: ignore[arg-type]
+    _, client, upstream = fake_server(fake_document())
     for _ in range(count):
         client.data_received(REQUEST)
         upstream.data_received(RESPONSE)

@@ -18,11 +18,10 @@ from typing import Any
 import pytest
 import uvloop
 
-from bench.test_bench_proxy import REQUEST, RESPONSE, FakeTransport
+from bench.test_bench_proxy import REQUEST, RESPONSE, fake_document, fake_server
 from fastedge.cache.control import format_http_date, parse_cache_control
 from fastedge.cache.edge import EdgeCache
 from fastedge.cache.policy import primary_key
-from fastedge.config import parse_config
 from fastedge.filters import FilterContext, Response
 from fastedge.filters.cache import CacheFilter, CacheSettings
 from fastedge.proxy import ClientConnection, UpstreamConnection
@@ -87,27 +86,10 @@ def cached_path() -> Any:
     asyncio.set_event_loop(loop)
 
     async def build() -> tuple[ProxyServer, ClientConnection, UpstreamConnection]:
-        config = parse_config(
-            {
-                "server": {
-                    "listen": "127.0.0.1:0",
-                    "http": "fast",
-                    "access_log": False,
-                    "max_requests_per_connection": 0,
-                },
-                "admin": {"enabled": False},
-                "upstreams": {"o": {"targets": ["http://127.0.0.1:1"]}},
-                "caches": {"c": {"max_bytes": "1MiB"}},
-                "routes": [{"prefix": "/", "upstream": "o", "cache": "c"}],
-            }
-        )
-        server = ProxyServer(config)
-        target = server.gateway.upstreams["o"].targets[0]
-        upstream = UpstreamConnection(target)
-        upstream.connection_made(FakeTransport())  # type: ignore[arg-type]
-        target.pool.state.idle.append(upstream)
-        client = ClientConnection(server, b"http")
-        client.connection_made(FakeTransport())  # type: ignore[arg-type]
+        doc = fake_document()
+        doc["caches"] = {"c": {"max_bytes": "1MiB"}}
+        doc["routes"][0]["cache"] = "c"
+        server, client, upstream = fake_server(doc)
         # The first request is a miss: relayed and stored, then everything hits.
         client.data_received(REQUEST)
         upstream.data_received(CACHEABLE_RESPONSE)

@@ -63,6 +63,36 @@ class FakeTransport:
         self.closing = True
 
 
+def fake_document(http: str = "fast") -> dict[str, Any]:
+    """A config document: route ``/`` to upstream ``o``, whose one target is never dialled
+    (:func:`fake_server` hands its pool a connection on a :class:`FakeTransport`)."""
+    return {
+        "server": {
+            "listen": "127.0.0.1:0",
+            "http": http,
+            "access_log": False,
+            "max_requests_per_connection": 0,
+        },
+        "admin": {"enabled": False},
+        "upstreams": {"o": {"targets": ["http://127.0.0.1:1"]}},
+        "routes": [{"prefix": "/", "upstream": "o"}],
+    }
+
+
+def fake_server(doc: dict[str, Any]) -> tuple[ProxyServer, ClientConnection, UpstreamConnection]:
+    """The server of ``doc`` (see :func:`fake_document`), one idle pooled connection to
+    upstream ``o`` and one client connection, both on fake transports. Call it with a
+    running event loop; feed the client ``REQUEST`` and the upstream ``RESPONSE``."""
+    server = ProxyServer(parse_config(doc))
+    target = server.gateway.upstreams["o"].targets[0]
+    upstream = UpstreamConnection(target)
+    upstream.connection_made(FakeTransport())  # type: ignore[arg-type]
+    target.pool.state.idle.append(upstream)
+    client = ClientConnection(server, b"http")
+    client.connection_made(FakeTransport())  # type: ignore[arg-type]
+    return server, client, upstream
+
+
 SECRET = "bench-secret-bench-secret-bench-secret-0123"
 
 
@@ -101,30 +131,11 @@ def hot_path(request: pytest.FixtureRequest) -> Any:
     engine, _, chain = str(request.param).partition("+")
 
     async def build() -> tuple[ProxyServer, ClientConnection, UpstreamConnection]:
-        route: dict[str, Any] = {"prefix": "/", "upstream": "o"}
-        doc: dict[str, Any] = {
-            "server": {
-                "listen": "127.0.0.1:0",
-                "http": engine,
-                "access_log": False,
-                "max_requests_per_connection": 0,
-            },
-            "admin": {"enabled": False},
-            "upstreams": {"o": {"targets": ["http://127.0.0.1:1"]}},
-            "routes": [route],
-        }
+        doc = fake_document(engine)
         if chain:
             doc.update(_policies())
-            route.update(auth="bench", rate_limit="per_user")
-        config = parse_config(doc)
-        server = ProxyServer(config)
-        target = server.gateway.upstreams["o"].targets[0]
-        upstream = UpstreamConnection(target)
-        upstream.connection_made(FakeTransport())  # type: ignore[arg-type]
-        target.pool.state.idle.append(upstream)
-        client = ClientConnection(server, b"http")
-        client.connection_made(FakeTransport())  # type: ignore[arg-type]
-        return server, client, upstream
+            doc["routes"][0].update(auth="bench", rate_limit="per_user")
+        return fake_server(doc)
 
     _server, client, upstream = loop.run_until_complete(build())
     yield client, upstream, (_authorized_request() if chain else REQUEST)

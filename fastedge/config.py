@@ -698,6 +698,50 @@ def _field(parse: Callable[[object], Any]) -> Converter:
     return convert
 
 
+def _one_or_array(ctx: _Context, path: str, value: object, *, expected: str, empty: str) -> Any:
+    """A value that is one string or a non-empty array of items, as a list of
+    ``(key path, item)``; else ``_INVALID`` with "expected *expected*, got ..." (or
+    *empty* for an empty array) recorded."""
+    if isinstance(value, str):
+        return [(path, value)]
+    if isinstance(value, list):
+        if not value:
+            return ctx.error(path, empty)
+        return [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+    return ctx.error(path, f"expected {expected}, got {_type_name(value)}")
+
+
+def _section_names(ctx: _Context, path: str, value: object, section: str, what: str) -> Any:
+    """Converter body for a route key naming ``[section.NAME]`` tables of this document:
+    one name or a non-empty array of distinct names, returned as a tuple in order.
+    *what* is how messages call one ("rate limit", "flag")."""
+    items = _one_or_array(
+        ctx,
+        path,
+        value,
+        expected=f"a {what} name or an array of names",
+        empty=f"must name at least one {what}",
+    )
+    if items is _INVALID:
+        return _INVALID
+    known = sorted(ctx.defined(section))
+    names: list[str] = []
+    ok = True
+    for item_path, item in items:
+        if not isinstance(item, str):
+            ctx.error(item_path, f"expected a {what} name, got {_type_name(item)}")
+            ok = False
+        elif item not in known:
+            ctx.error(item_path, f"unknown {what} {_show(item)}" + _did_you_mean(item, known))
+            ok = False
+        elif item in names:
+            ctx.error(item_path, f"{what} {_show(item)} is listed twice")
+            ok = False
+        else:
+            names.append(item)
+    return tuple(names) if ok else _INVALID
+
+
 def _integer(minimum: int, maximum: int) -> Callable[[object], int]:
     def parse(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -803,20 +847,27 @@ def _existing_file(ctx: _Context, path: str, value: object) -> Any:
 # --------------------------------------------------------------------------- [server]
 
 
-def _access_log(ctx: _Context, path: str, value: object) -> Any:
-    if value is False or value == "off":
-        return None
-    if value is True or value == "-":
-        return "-"
+def _new_file(ctx: _Context, path: str, value: object, hint: str) -> Any:
+    """A file fastedge writes (created if missing): its path resolved against the config
+    file's directory, which must exist. *hint* ends a "not a string" message with what
+    else the key takes."""
     try:
         text = _string(value)
     except ValueError as exc:
-        return ctx.error(path, f"{exc} (use '-' for stdout, a file path, or false)")
+        return ctx.error(path, f"{exc} ({hint})")
     resolved = os.path.join(ctx.base_dir, os.path.expanduser(text))
     directory = os.path.dirname(resolved) or "."
     if not os.path.isdir(directory):
         return ctx.error(path, f"directory does not exist: {directory}")
     return resolved
+
+
+def _access_log(ctx: _Context, path: str, value: object) -> Any:
+    if value is False or value == "off":
+        return None
+    if value is True or value == "-":
+        return "-"
+    return _new_file(ctx, path, value, "use '-' for stdout, a file path, or false")
 
 
 def _max_body(value: object) -> int | None:
@@ -1210,7 +1261,9 @@ def _fallback_response(ctx: _Context, path: str, value: object) -> Any:
     return _build(_read_table(ctx, path, value, _FALLBACK_RESPONSE_SCHEMA), FallbackResponseConfig)
 
 
-def _fallback(ctx: _Context, path: str, value: object) -> Any:
+def _upstream_name(ctx: _Context, path: str, value: object) -> Any:
+    """Converter for a key naming an ``[upstreams.NAME]`` of this document (a route's
+    ``upstream``, an upstream's ``fallback``, a flag's ``upstream``)."""
     try:
         name = _string(value)
     except ValueError as exc:
@@ -1244,7 +1297,7 @@ _UPSTREAM_SCHEMA: Final[_Schema] = {
     "outlier": _Key(_outlier),
     "breaker": _Key(_breaker),
     "retry": _Key(_retry),
-    "fallback": _Key(_fallback),
+    "fallback": _Key(_upstream_name),
     "fallback_response": _Key(_fallback_response),
 }
 
@@ -1283,18 +1336,48 @@ def _upstream(ctx: _Context, path: str, name: str, value: object) -> Any:
     return _build(table, UpstreamConfig, name=name)
 
 
-def _upstreams(ctx: _Context, path: str, value: object) -> Any:
+def _named_tables(
+    ctx: _Context,
+    path: str,
+    value: object,
+    convert: Callable[[_Context, str, str, object], Any],
+    *,
+    expected: str = "a table",
+    bad_name: str = "invalid name (use 1-64 letters, digits, '_', '-')",
+) -> Any:
+    """Convert a section of named tables (``[upstreams.NAME]``, ``[caches.NAME]``, ...).
+
+    Returns ``{NAME: convert(ctx, "section.NAME", NAME, table)}`` in document order for
+    every name that is valid (1-64 letters, digits, '_', '-'; else *bad_name* is
+    recorded) and whose table converts; ``_INVALID`` when *value* is not a table
+    ("expected *expected*, got ..."). Problems are recorded in *ctx*, so the valid
+    entries are still there for the caller's cross-entry checks.
+    """
     if not isinstance(value, Mapping):
-        return ctx.error(path, f"expected a table of upstreams, got {_type_name(value)}")
-    upstreams: dict[str, UpstreamConfig] = {}
+        return ctx.error(path, f"expected {expected}, got {_type_name(value)}")
+    out: dict[str, Any] = {}
     for name, item in value.items():
         item_path = _join(path, name)
         if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
-            ctx.error(item_path, "invalid upstream name (use 1-64 letters, digits, '_', '-')")
+            ctx.error(item_path, bad_name)
             continue
-        upstream = _upstream(ctx, item_path, name, item)
-        if upstream is not _INVALID:
-            upstreams[name] = upstream
+        converted = convert(ctx, item_path, name, item)
+        if converted is not _INVALID:
+            out[name] = converted
+    return out
+
+
+def _upstreams(ctx: _Context, path: str, value: object) -> Any:
+    upstreams = _named_tables(
+        ctx,
+        path,
+        value,
+        _upstream,
+        expected="a table of upstreams",
+        bad_name="invalid upstream name (use 1-64 letters, digits, '_', '-')",
+    )
+    if upstreams is _INVALID:
+        return _INVALID
     for name, upstream in upstreams.items():
         # A fallback chain must end: a -> b -> a would pass a request around forever.
         seen = [name]
@@ -1343,20 +1426,9 @@ def _methods(value: object) -> frozenset[str]:
     return frozenset(methods)
 
 
-def _route_upstream(ctx: _Context, path: str, value: object) -> Any:
-    try:
-        name = _string(value)
-    except ValueError as exc:
-        return ctx.error(path, str(exc))
-    if name not in ctx.upstream_names:
-        hint = _did_you_mean(name, sorted(ctx.upstream_names))
-        return ctx.error(path, f"unknown upstream {_show(name)}{hint}")
-    return name
-
-
 _ROUTE_SCHEMA: Final[_Schema] = {
     "prefix": _Key(_field(_path_prefix), required=True),
-    "upstream": _Key(_route_upstream, required=True),
+    "upstream": _Key(_upstream_name, required=True),
     "host": _Key(_field(_hostname_value)),
     "methods": _Key(_field(_methods)),
     "strip_prefix": _Key(_field(_boolean)),

@@ -20,14 +20,13 @@ import dataclasses
 import gc
 import importlib
 import logging
-import os
 import signal
 import socket
 import ssl
 from typing import Any, Literal, cast
 from urllib.parse import parse_qs
 
-from fastedge.admin.api import AdminError, AdminRequest, AdminResponse
+from fastedge.admin.api import AdminError, AdminRequest, AdminResponse, admin_token
 from fastedge.config import Config, ConfigError, load_config, redacted
 from fastedge.filters import Runtime
 from fastedge.gateway import Gateway, build_gateway, make_runtime, redis_url
@@ -50,8 +49,6 @@ ADMIN_EXTENSIONS: list[str] = [
     "fastedge.admin.cache:admin_routes",
     "fastedge.admin.upstreams:upstream_routes",
 ]
-
-_LOOPBACK = ("127.", "::1", "localhost")
 
 
 class ProxyServer:
@@ -146,16 +143,8 @@ class ProxyServer:
         if admin.listen is not None:
             from fastedge.admin.api import AdminServer
 
-            token = self._admin_token or os.environ.get(admin.token_env) or None
+            token = admin_token(admin, log, self._admin_token)
             host, port = admin.listen
-            if token is None and not host.startswith(_LOOPBACK):
-                log.warning(
-                    "admin listener on %s:%d has no token (set %s): anyone who can reach "
-                    "it can read the config and metrics",
-                    host,
-                    port,
-                    admin.token_env,
-                )
             self._admin = AdminServer(
                 host,
                 port,

@@ -80,7 +80,13 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from fastedge.admin.api import AdminError, AdminRequest, AdminResponse, AdminServer
+from fastedge.admin.api import (
+    AdminError,
+    AdminRequest,
+    AdminResponse,
+    AdminServer,
+    admin_token,
+)
 from fastedge.admin.relay import RelayError, relay
 from fastedge.config import Config, ConfigError, parse_config, redacted
 from fastedge.observe.aggregate import ExpositionError, merge_expositions
@@ -519,16 +525,8 @@ class Supervisor:
         admin = self.config.admin
         if admin.listen is None:
             return
-        token = os.environ.get(admin.token_env) or None
+        token = admin_token(admin, log)
         host, port = admin.listen
-        if token is None and not host.startswith(("127.", "::1", "localhost")):
-            log.warning(
-                "admin listener on %s:%d has no token (set %s): anyone who can reach "
-                "it can read the config and metrics",
-                host,
-                port,
-                admin.token_env,
-            )
         self._token = token
         self._admin = _SupervisorAdmin(
             self,

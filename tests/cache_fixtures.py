@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,32 +18,12 @@ import orjson
 from fastedge.cache.edge import SERVICE, EdgeCache
 from fastedge.config import parse_config
 from fastedge.server import ProxyServer
-from tests.conftest import ROOT, call
+from tests.conftest import call, start_server_process, stop_origin
 
 
 def start_cache_origin() -> tuple[subprocess.Popen[str], int]:
     """``tests/cache_origin.py`` as its own process; the process and its port."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.cache_origin", "--port", "0"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("PORT "):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"cache origin did not start: {line!r}")
-    return proc, int(line.split()[1])
-
-
-def stop_process(proc: subprocess.Popen[str]) -> None:
-    """Kill a helper process and release its pipe."""
-    proc.kill()
-    proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
+    return start_server_process("tests.cache_origin", "--port", "0")
 
 
 def cache_origin_process() -> Iterator[int]:
@@ -54,7 +33,7 @@ def cache_origin_process() -> Iterator[int]:
     try:
         yield port
     finally:
-        stop_process(proc)
+        stop_origin(proc)
 
 
 class Clock:

@@ -1,13 +1,15 @@
-"""Shared fixtures: a real origin process, a proxy per engine, and a strict HTTP client."""
+"""Shared fixtures: real origin processes, a proxy per engine, an OTLP receiver and a strict
+HTTP client."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import http.client
+import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -19,6 +21,7 @@ import uvloop
 
 from fastedge.config import Config, parse_config
 from fastedge.server import ProxyServer
+from tests.otlp_receiver import Receiver
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,10 +31,12 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     return {"uvloop": uvloop.new_event_loop}
 
 
-def start_origin() -> tuple[subprocess.Popen[str], int]:
-    """Start ``tests/origin.py`` as its own process; return it and its port."""
+def start_server_process(module: str, *args: str) -> tuple[subprocess.Popen[str], int]:
+    """Start ``python -m module args`` (a test server that prints ``PORT <n>`` once it
+    listens: tests/origin.py, cache_origin.py, batch_origin.py, faulty_origin.py) as its
+    own process; return it and its port. Stop it with :func:`stop_origin`."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.origin", "--port", "0"],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -39,13 +44,19 @@ def start_origin() -> tuple[subprocess.Popen[str], int]:
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("PORT "):
-        proc.kill()
-        raise RuntimeError(f"origin did not start: {line!r}")
+        stop_origin(proc)
+        raise RuntimeError(f"{module} did not start: {line!r}")
     return proc, int(line.split()[1])
 
 
+def start_origin(port: int = 0) -> tuple[subprocess.Popen[str], int]:
+    """Start ``tests/origin.py`` as its own process (on ``port``, 0 = any free one);
+    return it and its port."""
+    return start_server_process("tests.origin", "--port", str(port))
+
+
 def stop_origin(proc: subprocess.Popen[str]) -> None:
-    """Kill an origin process and release its pipe."""
+    """Kill a process of :func:`start_server_process` and release its pipe."""
     proc.kill()
     proc.wait()
     if proc.stdout is not None:
@@ -62,12 +73,44 @@ def origin_port() -> Iterator[int]:
         stop_origin(proc)
 
 
-def _free_port() -> int:
-    import socket
+@pytest.fixture(scope="module")
+def batch_port() -> Iterator[int]:
+    """Port of a batch-endpoint process (tests/batch_origin.py) shared by the module's
+    tests (each test uses its own batch path, so their counters never mix)."""
+    proc, port = start_server_process("tests.batch_origin", "--port", "0")
+    try:
+        yield port
+    finally:
+        stop_origin(proc)
 
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (connects to it are refused; a
+    server may bind it a moment later: loopback, so only this machine can race)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """Wait (bounded) until ``proc`` accepts connections on ``port``; raises if it exits
+    first, with its stderr when that is a pipe."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if proc.poll() is not None:
+            err = proc.communicate()[1] if proc.stderr is not None else None
+            detail = f": {err.decode(errors='replace')}" if err else ""
+            raise RuntimeError(f"process exited with {proc.returncode}{detail}")
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        w.close()
+        await w.wait_closed()
+        return
+    raise TimeoutError(f"port {port} did not open")
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +123,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (.ci/run installs it)")
-    port = _free_port()
+    port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
         [
@@ -100,8 +143,6 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ],
         stdout=subprocess.DEVNULL,
     )
-    import socket
-
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -121,6 +162,20 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A receiver listening on a free loopback port; held answers are released at the end."""
+    rec = Receiver()
+    server = await asyncio.start_server(rec.handle, "127.0.0.1", 0)
+    rec.port = server.sockets[0].getsockname()[1]
+    try:
+        yield rec
+    finally:
+        rec.release.set()
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.fixture(params=["h11", "fast"])
@@ -155,6 +210,49 @@ async def proxy(origin_port: int, engine_name: str) -> AsyncIterator[ProxyServer
         yield server
     finally:
         await server.shutdown(drain_timeout=1)
+
+
+@pytest.fixture
+async def make_proxy() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[ProxyServer]]]:
+    """``await make_proxy(doc)``: a started proxy for the config document ``doc``, in this
+    test's event loop. Every one is shut down at the end, its auth policies' background
+    work (JWKS fetches) stopped first."""
+    servers: list[ProxyServer] = []
+
+    async def start(doc: dict[str, Any]) -> ProxyServer:
+        server = ProxyServer(parse_config(doc))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        auth = server.config.sections.get("auth")
+        close = getattr(auth, "aclose", None)
+        if close is not None:
+            await close()
+        await server.shutdown(drain_timeout=1)
+
+
+@contextlib.asynccontextmanager
+async def running_demo(admin_token: str | None = None) -> AsyncIterator[ProxyServer]:
+    """``fastedge demo`` in this test's loop: its services and gateway on free loopback
+    ports, no access log, the admin API on with ``admin_token`` (off without one); all
+    shut down at the end."""
+    from fastedge.demo import start_demo
+
+    server, services, _ = await start_demo(
+        gateway="127.0.0.1:0",
+        admin=None if admin_token is None else "127.0.0.1:0",
+        service_ports={},
+        access_log=False,
+        admin_token=admin_token,
+    )
+    try:
+        yield server
+    finally:
+        await server.shutdown(drain_timeout=1)
+        await services.close()
 
 
 @dataclass
@@ -263,13 +361,15 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def _stdlib_call(
+def call_sync(
     port: int,
     method: str,
     path: str,
     headers: dict[str, str] | None = None,
     body: bytes | None = None,
 ) -> tuple[int, Message, bytes]:
+    """One request with the stdlib client (an independent HTTP implementation), blocking:
+    for a server running in another process or thread (else use :func:`call`)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -288,4 +388,4 @@ async def call(
 ) -> tuple[int, Message, bytes]:
     """One request with the stdlib client (an independent HTTP implementation), in a
     thread so the server under test keeps running on this loop."""
-    return await asyncio.to_thread(_stdlib_call, port, method, path, headers, body)
+    return await asyncio.to_thread(call_sync, port, method, path, headers, body)

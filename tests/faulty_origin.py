@@ -13,10 +13,7 @@ import argparse
 import asyncio
 import subprocess
 import sys
-from pathlib import Path
 from typing import cast
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class FaultyProtocol(asyncio.Protocol):
@@ -77,18 +74,9 @@ async def serve(port: int) -> None:
 
 def start_faulty(*args: str) -> tuple[subprocess.Popen[str], int]:
     """Start this module as a process with ``args``; return it and its port."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.faulty_origin", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("PORT "):
-        proc.kill()
-        raise RuntimeError(f"faulty origin did not start: {line!r}")
-    return proc, int(line.split()[1])
+    from tests.conftest import start_server_process  # not in the origin process itself
+
+    return start_server_process("tests.faulty_origin", *args)
 
 
 def main() -> None:

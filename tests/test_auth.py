@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ from fastedge.filters.auth import (
 from fastedge.filters.jwks import FetchError, http_get
 from fastedge.observe.metrics import Metrics
 from fastedge.server import ProxyServer
-from tests.conftest import Client, Response, get
+from tests.conftest import Client, Response, free_port, get
 
 SECRET = "fastedge-test-secret-0123456789-abcdefghijkl"  # 44 bytes: >= 32 for HS256
 OTHER_SECRET = "another-secret-that-is-long-enough-for-hs256!"
@@ -263,12 +262,6 @@ async def json_server() -> AsyncIterator[JsonServer]:
         yield server
     finally:
         await server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- through the proxy

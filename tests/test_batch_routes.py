@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import jwt
@@ -29,31 +26,10 @@ from fastedge.filters.batch_wire import (
     headers_object,
 )
 from fastedge.server import ProxyServer
-from tests.conftest import ROOT, Client, Response, call
+from tests.conftest import Client, Response, call, free_port, running_demo
 
 SECRET = "batch-test-secret-0123456789-abcdefghijklmn"  # >= 32 bytes for HS256
 ENV = "FASTEDGE_BATCH_TEST_JWT_SECRET"
-
-
-@pytest.fixture(scope="module")
-def batch_port() -> Iterator[int]:
-    """Port of a batch-endpoint process shared by this module's tests (each test uses
-    its own batch path, so their counters never mix)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.batch_origin", "--port", "0"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    try:
-        assert line.startswith("PORT "), line
-        yield int(line.split()[1])
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
 
 
 def batch_doc(port: int, engine: str, batch: Any, **route: Any) -> dict[str, Any]:
@@ -72,21 +48,6 @@ def batch_doc(port: int, engine: str, batch: Any, **route: Any) -> dict[str, Any
             }
         ],
     }
-
-
-@pytest.fixture
-async def make_proxy() -> AsyncIterator[Any]:
-    servers: list[ProxyServer] = []
-
-    async def start(doc: dict[str, Any]) -> ProxyServer:
-        server = ProxyServer(parse_config(doc))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.shutdown(drain_timeout=1)
 
 
 async def fetch(port: int, path: str, *, method: str = "GET", extra: str = "") -> Response:
@@ -379,11 +340,7 @@ async def test_a_slow_batch_endpoint_answers_504(
 
 
 async def test_unreachable_batch_endpoint_answers_502(make_proxy: Any) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     server = await make_proxy(batch_doc(port, "fast", {"max_wait": 0}))
     resp = await fetch(server.port, "/api/x")
     assert resp.status == 502
@@ -446,12 +403,7 @@ async def test_closing_the_filter_flushes_waiting_requests(
 
 
 async def test_demo_prices_route_is_batched() -> None:
-    from fastedge.demo import start_demo
-
-    server, services, _ = await start_demo(
-        gateway="127.0.0.1:0", admin=None, service_ports={}, access_log=False
-    )
-    try:
+    async with running_demo() as server:
         one, two, streamed, head = await asyncio.gather(
             fetch(server.port, "/api/prices/1"),
             fetch(server.port, "/api/prices/2"),
@@ -464,9 +416,6 @@ async def test_demo_prices_route_is_batched() -> None:
         assert head.status == 200 and head.body == b""
         text = server.metrics.render().decode()
         assert 'fastedge_batch_items_total{route="/api/prices"} 4' in text
-    finally:
-        await server.shutdown(drain_timeout=1)
-        await services.close()
 
 
 # --------------------------------------------------------------------------- config

@@ -13,22 +13,7 @@ from fastedge.batching import (
     BatchResultError,
     RequestBatcher,
 )
-
-
-class Recorder:
-    """A handler that records its batches and doubles each item; optionally gated."""
-
-    def __init__(self, gate: asyncio.Event | None = None) -> None:
-        self.batches: list[list[int]] = []
-        self.gate = gate
-        self.started = asyncio.Event()
-
-    async def __call__(self, items: list[int]) -> list[int]:
-        self.batches.append(list(items))
-        self.started.set()
-        if self.gate is not None:
-            await self.gate.wait()
-        return [i * 2 for i in items]
+from tests.batch_recorder import Recorder, gated
 
 
 async def test_fifty_concurrent_submits_make_five_batches() -> None:
@@ -164,11 +149,7 @@ async def test_cancelling_the_only_queued_item_disarms_the_timer() -> None:
 
 
 async def test_cancelled_caller_after_send_discards_its_result() -> None:
-    gate = asyncio.Event()
-    handler = Recorder(gate)
-    batcher: RequestBatcher[int, int] = RequestBatcher(
-        handler, max_batch=2, max_wait=60, max_queued=2, on_full="error"
-    )
+    gate, handler, batcher = gated(max_batch=2, max_wait=60, max_queued=2, on_full="error")
     a = asyncio.create_task(batcher.submit(1))
     b = asyncio.create_task(batcher.submit(2))
     await handler.started.wait()  # the batch [1, 2] is in the handler
@@ -216,11 +197,7 @@ async def test_failed_item_whose_caller_is_gone_is_not_reported_as_unretrieved()
 
 
 async def test_back_pressure_waits_for_room() -> None:
-    gate = asyncio.Event()
-    handler = Recorder(gate)
-    batcher: RequestBatcher[int, int] = RequestBatcher(
-        handler, max_batch=2, max_wait=60, max_queued=2
-    )
+    gate, handler, batcher = gated(max_batch=2, max_wait=60, max_queued=2)
     first = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
     await handler.started.wait()
     waiting = asyncio.create_task(batcher.submit(3))
@@ -235,11 +212,7 @@ async def test_back_pressure_waits_for_room() -> None:
 
 
 async def test_back_pressure_error_mode_raises_batcher_full() -> None:
-    gate = asyncio.Event()
-    handler = Recorder(gate)
-    batcher: RequestBatcher[int, int] = RequestBatcher(
-        handler, max_batch=2, max_wait=60, max_queued=2, on_full="error"
-    )
+    gate, handler, batcher = gated(max_batch=2, max_wait=60, max_queued=2, on_full="error")
     first = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
     await handler.started.wait()
     with pytest.raises(BatcherFull):
@@ -251,11 +224,7 @@ async def test_back_pressure_error_mode_raises_batcher_full() -> None:
 
 
 async def test_cancelled_waiter_for_room_loses_nothing() -> None:
-    gate = asyncio.Event()
-    handler = Recorder(gate)
-    batcher: RequestBatcher[int, int] = RequestBatcher(
-        handler, max_batch=1, max_wait=60, max_queued=1
-    )
+    gate, handler, batcher = gated(max_batch=1, max_wait=60, max_queued=1)
     a = asyncio.create_task(batcher.submit(1))
     await handler.started.wait()
     b = asyncio.create_task(batcher.submit(2))
@@ -285,11 +254,7 @@ async def test_aclose_flushes_queued_items_and_refuses_new_ones() -> None:
 
 
 async def test_aclose_waits_for_batches_in_flight_and_rejects_room_waiters() -> None:
-    gate = asyncio.Event()
-    handler = Recorder(gate)
-    batcher: RequestBatcher[int, int] = RequestBatcher(
-        handler, max_batch=1, max_wait=60, max_queued=1
-    )
+    gate, handler, batcher = gated(max_batch=1, max_wait=60, max_queued=1)
     a = asyncio.create_task(batcher.submit(1))
     await handler.started.wait()
     waiter = asyncio.create_task(batcher.submit(2))

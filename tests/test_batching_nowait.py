@@ -13,40 +13,7 @@ from typing import Any
 import pytest
 
 from fastedge.batching import BatcherClosed, BatcherFull, RequestBatcher
-
-
-class Recorder:
-    """Records batches; optionally gated; tracks how many calls run at once."""
-
-    def __init__(self, gate: asyncio.Event | None = None) -> None:
-        self.batches: list[list[int]] = []
-        self.done: list[list[int]] = []
-        self.gate = gate
-        self.started = asyncio.Event()
-        self.running = 0
-        self.max_running = 0
-
-    async def __call__(self, items: list[int]) -> list[int]:
-        self.batches.append(list(items))
-        self.running += 1
-        self.max_running = max(self.max_running, self.running)
-        self.started.set()
-        try:
-            if self.gate is not None:
-                await self.gate.wait()
-            return [i * 2 for i in items]
-        finally:
-            self.running -= 1
-            self.done.append(list(items))
-
-
-async def until(predicate: Any, limit: int = 1000) -> None:
-    """Let the loop run until ``predicate()`` holds (bounded, no wall-clock assertion)."""
-    for _ in range(limit):
-        if predicate():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("condition not reached")
+from tests.batch_recorder import Recorder, gated, until
 
 
 @pytest.fixture
@@ -85,11 +52,7 @@ async def test_put_nowait_partial_batch_goes_after_max_wait() -> None:
 
 
 async def test_put_nowait_raises_batcher_full_at_once_counting_items_in_flight() -> None:
-    gate = asyncio.Event()
-    handler = Recorder(gate)
-    batcher: RequestBatcher[int, int] = RequestBatcher(
-        handler, max_batch=2, max_wait=3600, max_queued=3, on_full="wait"
-    )
+    gate, handler, batcher = gated(max_batch=2, max_wait=3600, max_queued=3, on_full="wait")
     batcher.put_nowait(1)
     batcher.put_nowait(2)  # a size flush: [1, 2] goes to the handler
     await handler.started.wait()
@@ -108,11 +71,7 @@ async def test_put_nowait_raises_batcher_full_at_once_counting_items_in_flight()
 async def test_put_nowait_yields_to_callers_waiting_for_room(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    gate = asyncio.Event()
-    handler = Recorder(gate)
-    batcher: RequestBatcher[int, int] = RequestBatcher(
-        handler, max_batch=1, max_wait=3600, max_queued=1
-    )
+    gate, handler, batcher = gated(max_batch=1, max_wait=3600, max_queued=1)
     batcher.put_nowait(1)
     await handler.started.wait()
     waiter = asyncio.create_task(batcher.submit(2))
@@ -214,11 +173,7 @@ async def test_submit_nowait_returns_the_items_future() -> None:
 
 
 async def test_submit_nowait_full_raises_even_in_wait_mode() -> None:
-    gate = asyncio.Event()
-    handler = Recorder(gate)
-    batcher: RequestBatcher[int, int] = RequestBatcher(
-        handler, max_batch=1, max_wait=3600, max_queued=1, on_full="wait"
-    )
+    gate, handler, batcher = gated(max_batch=1, max_wait=3600, max_queued=1, on_full="wait")
     first = batcher.submit_nowait(1)
     await handler.started.wait()
     with pytest.raises(BatcherFull):
@@ -271,11 +226,7 @@ async def test_cancelling_a_sent_nowait_future_discards_its_result(
 
 
 async def test_max_in_flight_one_runs_batches_one_at_a_time_in_order() -> None:
-    gate = asyncio.Event()
-    handler = Recorder(gate)
-    batcher: RequestBatcher[int, int] = RequestBatcher(
-        handler, max_batch=5, max_wait=0.005, max_queued=100, max_in_flight=1
-    )
+    gate, handler, batcher = gated(max_batch=5, max_wait=0.005, max_queued=100, max_in_flight=1)
     batcher.put_nowait(0)
     await handler.started.wait()  # [0] went after max_wait and is held in the handler
     for i in range(1, 13):
@@ -292,11 +243,7 @@ async def test_max_in_flight_one_runs_batches_one_at_a_time_in_order() -> None:
 async def test_held_batch_keeps_filling_up_to_max_batch() -> None:
     # While the one slot is busy, the next batch is not cut at its max_wait: it gathers
     # everything that arrives (up to max_batch) and goes as one call.
-    gate = asyncio.Event()
-    handler = Recorder(gate)
-    batcher: RequestBatcher[int, int] = RequestBatcher(
-        handler, max_batch=50, max_wait=0.001, max_in_flight=1
-    )
+    gate, handler, batcher = gated(max_batch=50, max_wait=0.001, max_in_flight=1)
     batcher.put_nowait(0)
     await handler.started.wait()
     for i in range(1, 8):
@@ -344,11 +291,7 @@ async def test_flush_sends_now_and_waits_for_the_answers() -> None:
 
 
 async def test_flush_waits_for_batches_in_flight_and_held_ones_but_not_later_items() -> None:
-    gate = asyncio.Event()
-    handler = Recorder(gate)
-    batcher: RequestBatcher[int, int] = RequestBatcher(
-        handler, max_batch=2, max_wait=3600, max_in_flight=1
-    )
+    gate, handler, batcher = gated(max_batch=2, max_wait=3600, max_in_flight=1)
     for i in range(3):  # [0, 1] in flight (size flush); [2] queued
         batcher.put_nowait(i)
     await handler.started.wait()
@@ -395,11 +338,7 @@ async def test_flush_under_a_steady_stream_returns() -> None:
 
 
 async def test_cancelling_flush_or_aclose_does_not_cancel_the_batches() -> None:
-    gate = asyncio.Event()
-    handler = Recorder(gate)
-    batcher: RequestBatcher[int, int] = RequestBatcher(
-        handler, max_batch=10, max_wait=3600, max_in_flight=1
-    )
+    gate, handler, batcher = gated(max_batch=10, max_wait=3600, max_in_flight=1)
     batcher.put_nowait(1)
     flushing = asyncio.create_task(batcher.flush())
     await handler.started.wait()
@@ -419,11 +358,7 @@ async def test_cancelling_flush_or_aclose_does_not_cancel_the_batches() -> None:
 
 
 async def test_aclose_refuses_room_waiters_at_once() -> None:
-    gate = asyncio.Event()
-    handler = Recorder(gate)
-    batcher: RequestBatcher[int, int] = RequestBatcher(
-        handler, max_batch=1, max_wait=3600, max_queued=1
-    )
+    gate, handler, batcher = gated(max_batch=1, max_wait=3600, max_queued=1)
     first = asyncio.create_task(batcher.submit(1))
     await handler.started.wait()
     waiter = asyncio.create_task(batcher.submit(2))
@@ -441,11 +376,7 @@ async def test_aclose_refuses_room_waiters_at_once() -> None:
 async def test_cancelled_room_waiter_passes_a_handed_over_unit_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    gate = asyncio.Event()
-    handler = Recorder(gate)
-    batcher: RequestBatcher[int, int] = RequestBatcher(
-        handler, max_batch=1, max_wait=3600, max_queued=1
-    )
+    gate, handler, batcher = gated(max_batch=1, max_wait=3600, max_queued=1)
     first = asyncio.create_task(batcher.submit(1))
     await handler.started.wait()
     b = asyncio.create_task(batcher.submit(2))

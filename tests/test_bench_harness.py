@@ -154,17 +154,13 @@ def _table_rows(output: str) -> dict[tuple[str, str], list[str]]:
     return rows
 
 
-@pytest.mark.slow
-def test_harness_smoke_run(tmp_path: Path) -> None:
-    missing = [tool for tool in ("nginx", "haproxy", "wrk", "taskset") if not run.find_tool(tool)]
-    if missing:
-        pytest.fail(
-            f"the bench-load smoke test needs {', '.join(missing)}: .ci/run installs them "
-            "(apt-get install nginx haproxy wrk); tests never install system packages"
-        )
-    results = tmp_path / "RESULTS.md"
-    proxies = ["nginx", "haproxy", "aiohttp", "fastedge", "nginx-cache", "fastedge-cache"]
-    done = subprocess.run(
+def run_harness(
+    proxies: list[str], results: Path, *, memory_connections: int, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """The real harness, one 1-second round over ``proxies`` (never installing anything),
+    with ``memory_connections`` idle connections in the memory scenario (0 = skip it),
+    writing its tables into ``results``."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -175,19 +171,32 @@ def test_harness_smoke_run(tmp_path: Path) -> None:
             "1",
             "--only",
             ",".join(proxies),
-            "--no-install",
-            # The memory scenario has its own smoke test (tests/test_bench_variants.py).
             "--memory-connections",
-            "0",
+            str(memory_connections),
+            "--no-install",
             "--results",
             str(results),
         ],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=timeout,
         check=False,
     )
+
+
+@pytest.mark.slow
+def test_harness_smoke_run(tmp_path: Path) -> None:
+    missing = [tool for tool in ("nginx", "haproxy", "wrk", "taskset") if not run.find_tool(tool)]
+    if missing:
+        pytest.fail(
+            f"the bench-load smoke test needs {', '.join(missing)}: .ci/run installs them "
+            "(apt-get install nginx haproxy wrk); tests never install system packages"
+        )
+    results = tmp_path / "RESULTS.md"
+    proxies = ["nginx", "haproxy", "aiohttp", "fastedge", "nginx-cache", "fastedge-cache"]
+    # The memory scenario has its own smoke test (tests/test_bench_variants.py).
+    done = run_harness(proxies, results, memory_connections=0, timeout=180)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
 

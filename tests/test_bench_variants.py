@@ -10,8 +10,6 @@ smoke test in ``tests/test_bench_harness.py``).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jwt
@@ -20,8 +18,7 @@ import pytest
 from bench.load import memory, run, variants
 from fastedge.config import parse_config
 from fastedge.router import Route, Router
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.test_bench_harness import run_harness
 
 
 def _toml(text: str) -> dict[str, object]:
@@ -143,29 +140,7 @@ def test_harness_runs_the_variants_and_the_memory_scenario(tmp_path: Path) -> No
         pytest.fail(f"needs {', '.join(missing)} (.ci/run installs them)")
     results = tmp_path / "RESULTS.md"
     proxies = ["nginx", "fastedge", "fastedge-w2", "fastedge-1k-routes", "fastedge-chain"]
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.load.run",
-            "--duration",
-            "1",
-            "--rounds",
-            "1",
-            "--only",
-            ",".join(proxies),
-            "--memory-connections",
-            "300",
-            "--no-install",
-            "--results",
-            str(results),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    done = run_harness(proxies, results, memory_connections=300, timeout=240)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     for name in proxies:

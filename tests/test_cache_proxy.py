@@ -19,9 +19,9 @@ from tests.cache_fixtures import (
     cached_proxy,
     q,
     start_cache_origin,
-    stop_process,
     unique,
 )
+from tests.conftest import stop_origin
 
 
 @pytest.fixture(scope="module")
@@ -424,7 +424,7 @@ async def test_stale_if_error_when_the_origin_is_down(engine_name: str) -> None:
             _, _, first = await p.get(sie)
             await p.get(plain)
             await p.get(strict)
-            stop_process(proc)  # the origin is gone: connections are refused
+            stop_origin(proc)  # the origin is gone: connections are refused
             p.clock.advance(10)
             status, h, body = await p.get(sie)
             assert (status, body) == (200, first)
@@ -436,7 +436,7 @@ async def test_stale_if_error_when_the_origin_is_down(engine_name: str) -> None:
             status, h, _ = await p.get(strict)
             assert status == 504 and "fwd=stale" in member(h)
     finally:
-        stop_process(proc)
+        stop_origin(proc)
 
 
 async def test_stale_if_error_on_a_5xx(cache_origin: int) -> None:

@@ -27,7 +27,7 @@ from tests.cache_fixtures import (
     q,
     unique,
 )
-from tests.conftest import ROOT, Client, call, get
+from tests.conftest import ROOT, Client, call, free_port, get, running_demo, wait_port
 
 TOKEN = "cache-admin-token"
 
@@ -144,9 +144,7 @@ async def test_coalescing_across_instances_through_redis(cache_origin: int, redi
 
 
 async def test_redis_down_means_local_coalescing_only(cache_origin: int) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()
     extra = {"redis": {"url": f"redis://127.0.0.1:{dead}/0", "timeout": "100ms"}}
     async with cached_proxy(cache_origin, extra=extra) as p:
         t = unique("redisdown") + q(cc="max-age=60")
@@ -371,9 +369,7 @@ def test_config_defaults() -> None:
 
 
 async def test_reverse_proxy_cache_flag(cache_origin: int) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -392,18 +388,7 @@ async def test_reverse_proxy_cache_flag(cache_origin: int) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 15
-        while True:
-            assert proc.poll() is None, "reverse-proxy exited"
-            try:
-                _, w = await asyncio.open_connection("127.0.0.1", port)
-                w.close()
-                await w.wait_closed()
-                break
-            except OSError:
-                assert loop.time() < deadline, "reverse-proxy did not listen"
-                await asyncio.sleep(0.05)
+        await wait_port(port, proc)
         t = unique("cli") + q(cc="max-age=60")
         first = await fetch(port, t)
         second = await fetch(port, t)
@@ -443,12 +428,7 @@ def test_reverse_proxy_cache_flag_refuses_a_bad_size() -> None:
 
 
 async def test_demo_products_are_cached() -> None:
-    from fastedge.demo import start_demo
-
-    server, services, _ = await start_demo(
-        gateway="127.0.0.1:0", admin=None, service_ports={}, access_log=False
-    )
-    try:
+    async with running_demo() as server:
         port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         status, first, body = await fetch(port, "/api/products")
         assert status == 200 and first["x-version"] == "blue"
@@ -456,6 +436,3 @@ async def test_demo_products_are_cached() -> None:
         status, again, cached = await fetch(port, "/api/products")
         assert (status, cached) == (200, body) and again["cache-status"].startswith("fastedge; hit")
         assert again["age"] == "0"
-    finally:
-        await server.shutdown(drain_timeout=1)
-        await services.close()

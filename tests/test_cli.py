@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,15 +13,9 @@ from pathlib import Path
 import pytest
 
 from fastedge import __version__
-from tests.conftest import ROOT, Client, get, rss_kib
+from tests.conftest import ROOT, Client, free_port, get, rss_kib, running_demo, wait_port
 
 EXAMPLE = ROOT / "examples" / "fastedge.toml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fastedge(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -34,23 +27,6 @@ def fastedge(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
         timeout=60,
         **kw,  # type: ignore[call-overload]
     )
-
-
-async def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        w.close()
-        await w.wait_closed()
-        return
-    raise TimeoutError(f"port {port} did not open")
 
 
 @pytest.fixture
@@ -190,16 +166,7 @@ async def _token(client: Client, sub: str) -> str:
 
 
 async def test_demo_end_to_end() -> None:
-    from fastedge.demo import start_demo
-
-    server, services, _ = await start_demo(
-        gateway="127.0.0.1:0",
-        admin="127.0.0.1:0",
-        service_ports={},
-        access_log=False,
-        admin_token="t0ken",
-    )
-    try:
+    async with running_demo("t0ken") as server:
         client = await Client.open(server.port)
         await client.send(get("/api/products"))
         products = await client.read_response()
@@ -238,9 +205,6 @@ async def test_demo_end_to_end() -> None:
         assert len(traces) == 3
         assert {"GET /api/users", "GET"} <= {t["name"] for t in traces}  # 404: no route
         await admin.close()
-    finally:
-        await server.shutdown(drain_timeout=1)
-        await services.close()
 
 
 async def _upload(port: int, total: int) -> bytes:

@@ -35,7 +35,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from fastedge.config import parse_config
 from fastedge.server import ProxyServer
-from tests.conftest import start_origin, stop_origin
+from tests.conftest import call_sync, start_origin, stop_origin
 
 TOKEN = "dashboard-browser-test-token"
 CHROMIUM = "/usr/bin/chromium"
@@ -75,24 +75,8 @@ class ProxyThread:
             self.loop.close()
 
 
-def request(
-    port: int,
-    method: str,
-    path: str,
-    headers: dict[str, str] | None = None,
-    body: bytes | None = None,
-) -> tuple[int, http.client.HTTPMessage, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.headers, resp.read()
-    finally:
-        conn.close()
-
-
 def admin_json(stack: Stack, path: str) -> tuple[int, Any]:
-    status, _, body = request(stack.admin_port, "GET", path, {"Authorization": f"Bearer {TOKEN}"})
+    status, _, body = call_sync(stack.admin_port, "GET", path, {"Authorization": f"Bearer {TOKEN}"})
     return status, json.loads(body)
 
 
@@ -112,7 +96,7 @@ class Stack:
         """Which origins answered ``n`` requests to the split route."""
         ports = set()
         for _ in range(n):
-            status, resp_headers, _ = request(self.port, "GET", "/api/products/item", headers)
+            status, resp_headers, _ = call_sync(self.port, "GET", "/api/products/item", headers)
             assert status == 200
             ports.add(int(resp_headers["x-origin-port"]))
         return ports
@@ -371,7 +355,7 @@ def test_dashboard_live_numbers_and_blue_green_control(stack: Stack, browser: We
     status, data = admin_json(stack, "/flags")
     (flag,) = [f for f in data["flags"] if f["name"] == "beta"]
     assert flag["percent"] == 100
-    status, _, body = request(stack.port, "GET", "/api/products/echo", {"X-User-Id": "anyone"})
+    status, _, body = call_sync(stack.port, "GET", "/api/products/echo", {"X-User-Id": "anyone"})
     assert status == 200
     echoed = {name.lower(): value for name, value in json.loads(body)["headers"]}
     assert "x-beta" in echoed  # every user is in at 100%: the upstream is told
@@ -437,7 +421,7 @@ def test_dashboard_refuses_without_token_and_cross_site_changes(
     target = f"http://127.0.0.1:{stack.admin_port}/traffic/products"
 
     # The cookie alone, as a forged request would carry it: refused, split unchanged.
-    status, _, body = request(
+    status, _, body = call_sync(
         stack.admin_port,
         "PUT",
         "/traffic/products",

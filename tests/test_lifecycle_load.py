@@ -44,8 +44,7 @@ from pathlib import Path
 import h11
 import pytest
 
-from tests.conftest import ROOT, Client, get
-from tests.test_cli import free_port, wait_port
+from tests.conftest import ROOT, Client, free_port, get, wait_port
 
 CLIENTS = 16
 REQUEST_TIMEOUT = 10.0  # a stuck request is a failure, not a hang
@@ -57,21 +56,32 @@ IN_FLIGHT_AGE = 0.3  # a request written this long before SIGTERM surely reached
 # --- the proxy process ---------------------------------------------------------------
 
 
-def config_text(port: int, origin_port: int, engine: str, gen: str, drain: str) -> str:
+def config_text(
+    port: int,
+    origin_port: int,
+    engine: str | None,
+    gen: str,
+    drain: str,
+    *,
+    admin: str = "enabled = false",
+    extra: str = "",
+) -> str:
     """A config whose ``/svc`` route rewrites to ``/<gen>``: the origin echoes the path
     it got in ``X-Origin-Path``, so each response names the config generation that
     routed it. ``/`` (``/echo``, ``/slow``) is the same in every generation. The pool
     is smaller than the client count, so a reload or shutdown also finds requests
-    queued for an upstream connection, not only requests at the origin."""
+    queued for an upstream connection, not only requests at the origin. ``engine``
+    None leaves ``http`` out; ``admin`` is the ``[admin]`` table's body; ``extra`` is
+    appended."""
+    http = "" if engine is None else f'http = "{engine}"\n'
     return f"""
 [server]
 listen = "127.0.0.1:{port}"
-http = "{engine}"
-access_log = false
+{http}access_log = false
 drain_timeout = "{drain}"
 
 [admin]
-enabled = false
+{admin}
 
 [upstreams.origin]
 targets = ["http://127.0.0.1:{origin_port}"]
@@ -87,7 +97,7 @@ rewrite = "/{gen}"
 [[routes]]
 prefix = "/"
 upstream = "origin"
-"""
+{extra}"""
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -432,6 +442,59 @@ async def wait_for_text(proxy: Proxy, text: str, timeout: float = 5.0) -> bool:
     return True
 
 
+async def sigterm_under_load(
+    proc: subprocess.Popen[bytes], port: int, *, budget: float, drain: float
+) -> tuple[Tally, float]:
+    """Load ``port`` (two slow clients) for ~1 s, then SIGTERM ``proc`` while a slow
+    request is surely in flight; wait until every load client has ended (each on a refused
+    reconnect). Returns the tally and the loop time of the signal."""
+    loop = asyncio.get_running_loop()
+    tally = Tally()
+    stop = asyncio.Event()
+    tasks = start_load(port, tally, stop, slow_workers=2, budget=budget)
+    try:
+        await asyncio.sleep(1.0)  # pacing: load runs before the signal
+        # Signal while a slow request is surely in the proxy (written a while ago).
+        for _ in range(300):
+            if any(loop.time() - t >= IN_FLIGHT_AGE for t in tally.slow_pending.values()):
+                break
+            await asyncio.sleep(0.01)
+        term_at = loop.time()
+        proc.send_signal(signal.SIGTERM)
+        # Workers end on their own: each is eventually refused a connection.
+        await asyncio.wait_for(asyncio.gather(*tasks), drain + REQUEST_TIMEOUT)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return tally, term_at
+
+
+def assert_shutdown_lost_nothing(tally: Tally, term_at: float) -> list[SlowRecord]:
+    """The checks of a SIGTERM under load (see the module docstring); returns the slow
+    requests that were in flight at the signal."""
+    assert tally.failures == [], tally.failures[:20]
+    assert tally.ok > 50  # the load really ran (1 s of it, on a shared 2-core box)
+    assert tally.refused == CLIENTS  # every client ended on a refused reconnect
+    in_flight = [
+        r for r in tally.slow if r.sent_at <= term_at - IN_FLIGHT_AGE and r.done_at >= term_at
+    ]
+    assert in_flight, "no slow request was in flight at SIGTERM"
+    # In flight at SIGTERM: answered in full, announcing the close (server_closed was
+    # checked by the worker for every connection: close response).
+    assert all(r.outcome == "ok" and r.closes for r in in_flight), in_flight
+    return in_flight
+
+
+def assert_reloads_lost_nothing(tally: Tally) -> None:
+    """The checks of reloads under load: every request answered in full on its first
+    try, and kept-alive connections moved to the new routes (not just fresh probe
+    connections)."""
+    assert tally.failures == [], tally.failures[:20]
+    assert (tally.refused, tally.retried, sum(tally.unanswered.values())) == (0, 0, 0)
+    assert tally.ok > 200  # the load really ran
+    assert tally.generations["gen-a"] > 0 and tally.generations["gen-b"] > 0
+
+
 # --- tests ---------------------------------------------------------------------------
 
 
@@ -482,11 +545,7 @@ async def test_reload_under_load_loses_no_request(
         await asyncio.wait_for(asyncio.gather(*tasks), REQUEST_TIMEOUT + 5)
 
     assert proxy.proc.poll() is None, proxy.stderr()
-    assert tally.failures == [], tally.failures[:20]
-    assert (tally.refused, tally.retried, sum(tally.unanswered.values())) == (0, 0, 0)
-    assert tally.ok > 200  # the load really ran
-    # Kept-alive connections moved to the new routes, not just fresh probe connections.
-    assert tally.generations["gen-a"] > 0 and tally.generations["gen-b"] > 0
+    assert_reloads_lost_nothing(tally)
     assert proxy.stderr().count("reload refused") == 1
     print(f"\n{engine_name}: ok={tally.ok} generations={dict(tally.generations)}")
     proxy.proc.send_signal(signal.SIGTERM)
@@ -506,36 +565,12 @@ async def test_shutdown_under_load_loses_no_request(
     proxy = await start_proxy(
         procs, tmp_path, origin_port, engine_name, drain=f"{SHUTDOWN_DRAIN:g}s"
     )
-    loop = asyncio.get_running_loop()
-    tally = Tally()
-    stop = asyncio.Event()
-    tasks = start_load(proxy.port, tally, stop, slow_workers=2, budget=25)
-    try:
-        await asyncio.sleep(1.0)  # pacing: load runs before the signal
-        # Signal while a slow request is surely in the proxy (written a while ago).
-        for _ in range(300):
-            if any(loop.time() - t >= IN_FLIGHT_AGE for t in tally.slow_pending.values()):
-                break
-            await asyncio.sleep(0.01)
-        term_at = loop.time()
-        proxy.proc.send_signal(signal.SIGTERM)
-        # Workers end on their own: each is eventually refused a connection.
-        await asyncio.wait_for(asyncio.gather(*tasks), SHUTDOWN_DRAIN + REQUEST_TIMEOUT)
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    tally, term_at = await sigterm_under_load(
+        proxy.proc, proxy.port, budget=25, drain=SHUTDOWN_DRAIN
+    )
     code = await wait_exit(proxy.proc, SHUTDOWN_DRAIN + 2)
 
-    assert tally.failures == [], tally.failures[:20]
-    assert tally.ok > 50  # the load really ran (1 s of it, on a shared 2-core box)
-    assert tally.refused == CLIENTS  # every client ended on a refused reconnect
-    in_flight = [
-        r for r in tally.slow if r.sent_at <= term_at - IN_FLIGHT_AGE and r.done_at >= term_at
-    ]
-    assert in_flight, "no slow request was in flight at SIGTERM"
-    # In flight at SIGTERM: answered in full, announcing the close (server_closed was
-    # checked by the worker for every connection: close response).
-    assert all(r.outcome == "ok" and r.closes for r in in_flight), in_flight
+    in_flight = assert_shutdown_lost_nothing(tally, term_at)
     assert code == 0, proxy.stderr()
     print(
         f"\n{engine_name}: ok={tally.ok} retried={tally.retried} "

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fastedge.config import parse_config
 from fastedge.server import ProxyServer
-from tests.conftest import call
+from tests.conftest import call, running_demo
 from tests.test_metrics import parse_exposition
 
 TOKEN = "metrics-test-token"
@@ -244,16 +244,7 @@ async def test_reference_parser_reads_the_same_values(
 async def test_every_family_of_the_demo_follows_the_conventions() -> None:
     """The demo enables every feature (auth, limits, splits, flags, cache, batching,
     tracing), so its scrape holds the families of all of them, whoever added them."""
-    from fastedge.demo import start_demo
-
-    server, services, _ = await start_demo(
-        gateway="127.0.0.1:0",
-        admin="127.0.0.1:0",
-        service_ports={},
-        access_log=False,
-        admin_token=TOKEN,
-    )
-    try:
+    async with running_demo(TOKEN) as server:
         for path in ("/api/products", "/api/prices/1", "/api/users", "/nowhere"):
             await call(server.port, "GET", path)
         status, _, body = await call(server.admin_port or 0, "GET", "/metrics", AUTH)
@@ -272,9 +263,6 @@ async def test_every_family_of_the_demo_follows_the_conventions() -> None:
             "process_cpu_seconds_total",
         ):
             assert name in families, name
-    finally:
-        await server.shutdown(drain_timeout=1)
-        await services.close()
 
 
 async def test_redis_rate_limit_leases_are_counted(origin_port: int, redis_url: str) -> None:

@@ -6,105 +6,16 @@ up exported or dropped — never silently gone."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
-import h11
-import orjson
 import pytest
 
 from fastedge.observe import otlp
 from fastedge.observe.metrics import Metrics
 from fastedge.observe.otlp import DROPPED_TOTAL, EXPORTED_TOTAL, QUEUE_GAUGE, OTLPExporter
 from fastedge.observe.tracing import Span, Tracer
-
-
-class HeldReceiver:
-    """OTLP/HTTP receiver (asyncio + h11) that answers 200 once ``release`` is set (when
-    ``hold`` is on) and records each POST's span names and how many overlapped."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.posts: list[list[str]] = []
-        self.hold = False
-        self.release = asyncio.Event()
-        self.got_request = asyncio.Event()
-        self.active = 0
-        self.max_active = 0
-        self.connections = 0
-
-    def names(self) -> list[str]:
-        return [n for post in self.posts for n in post]
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER)
-        self.connections += 1
-        body = b""
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await reader.read(65536)
-                    conn.receive_data(data)
-                    if not data and conn.their_state is not h11.DONE:
-                        return
-                    continue
-                if isinstance(event, h11.Request):
-                    body = b""
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                elif isinstance(event, h11.EndOfMessage):
-                    self.active += 1
-                    self.max_active = max(self.max_active, self.active)
-                    doc = orjson.loads(body)
-                    self.got_request.set()
-                    try:
-                        if self.hold:
-                            await self.release.wait()
-                    finally:
-                        self.active -= 1
-                    self.posts.append(
-                        [
-                            s["name"]
-                            for rs in doc["resourceSpans"]
-                            for ss in rs["scopeSpans"]
-                            for s in ss["spans"]
-                        ]
-                    )
-                    writer.write(
-                        conn.send(h11.Response(status_code=200, headers=[("content-length", "2")]))
-                        or b""
-                    )
-                    writer.write(conn.send(h11.Data(data=b"{}")) or b"")
-                    writer.write(conn.send(h11.EndOfMessage()) or b"")
-                    await writer.drain()
-                    conn.start_next_cycle()
-                elif isinstance(event, h11.ConnectionClosed):
-                    return
-        except (ConnectionError, h11.ProtocolError):
-            return
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
-
-
-@pytest.fixture
-async def held() -> AsyncIterator[HeldReceiver]:
-    rec = HeldReceiver()
-    server = await asyncio.start_server(rec.handle, "127.0.0.1", 0)
-    rec.port = server.sockets[0].getsockname()[1]
-    try:
-        yield rec
-    finally:
-        rec.release.set()
-        server.close()
-        await server.wait_closed()
-
-
-def url(rec: HeldReceiver) -> str:
-    return f"http://127.0.0.1:{rec.port}/v1/traces"
+from tests.batch_recorder import until
+from tests.otlp_receiver import Receiver
 
 
 def spans(tracer: Tracer, names: list[str]) -> None:
@@ -112,75 +23,67 @@ def spans(tracer: Tracer, names: list[str]) -> None:
         tracer.start_span(name).end()
 
 
-async def until(predicate: Any, limit: int = 2000) -> None:
-    for _ in range(limit):
-        if predicate():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("condition not reached")
-
-
 async def test_one_post_at_a_time_and_the_backlog_goes_in_full_batches(
-    held: HeldReceiver,
+    receiver: Receiver,
 ) -> None:
-    held.hold = True
-    exporter = OTLPExporter(url(held), max_batch=5, flush_interval=0.005)
+    receiver.hold = True
+    exporter = OTLPExporter(receiver.url, max_batch=5, flush_interval=0.005)
     tracer = Tracer(exporter=exporter)
     spans(tracer, ["s0"])
-    await asyncio.wait_for(held.got_request.wait(), 5)  # POST [s0] is held by the receiver
+    await asyncio.wait_for(receiver.got_request.wait(), 5)  # POST [s0] is held by the receiver
     spans(tracer, [f"s{i}" for i in range(1, 13)])  # size-due batches wait their turn
     await asyncio.sleep(0.03)  # several flush intervals: still no second POST
-    assert held.active == 1 and exporter.queued == 13
-    held.release.set()
-    await until(lambda: len(held.posts) == 4)
+    assert receiver.active == 1 and exporter.queued == 13
+    receiver.release.set()
+    await until(lambda: len(receiver.posts) == 4, limit=2000)
     await exporter.aclose()
-    assert [len(p) for p in held.posts] == [1, 5, 5, 2]
-    assert held.names() == [f"s{i}" for i in range(13)]  # in order, none twice
-    assert held.max_active == 1 and held.connections == 1
+    assert [len(p) for p in receiver.posts] == [1, 5, 5, 2]
+    assert receiver.names() == [f"s{i}" for i in range(13)]  # in order, none twice
+    assert receiver.max_active == 1 and receiver.connections == 1
     assert exporter.exported == 13 and exporter.dropped == 0 and exporter.queued == 0
 
 
-async def test_spans_arriving_during_a_slow_post_are_sent_together(held: HeldReceiver) -> None:
-    held.hold = True
-    exporter = OTLPExporter(url(held), max_batch=512, flush_interval=0.002)
+async def test_spans_arriving_during_a_slow_post_are_sent_together(receiver: Receiver) -> None:
+    receiver.hold = True
+    exporter = OTLPExporter(receiver.url, max_batch=512, flush_interval=0.002)
     tracer = Tracer(exporter=exporter)
     spans(tracer, ["first"])
-    await asyncio.wait_for(held.got_request.wait(), 5)
+    await asyncio.wait_for(receiver.got_request.wait(), 5)
     for i in range(6):
         spans(tracer, [f"later{i}"])
         await asyncio.sleep(0.004)  # each after the previous one's flush interval
-    held.release.set()
+    receiver.release.set()
     await exporter.force_flush()
-    assert held.posts == [["first"], [f"later{i}" for i in range(6)]]
+    assert receiver.posts == [["first"], [f"later{i}" for i in range(6)]]
     await exporter.aclose()
 
 
-async def test_the_bound_counts_spans_being_sent(held: HeldReceiver) -> None:
-    held.hold = True
+async def test_the_bound_counts_spans_being_sent(receiver: Receiver) -> None:
+    receiver.hold = True
     metrics = Metrics()
-    exporter = OTLPExporter(url(held), max_queue=4, flush_interval=0.005, metrics=metrics)
+    exporter = OTLPExporter(receiver.url, max_queue=4, flush_interval=0.005, metrics=metrics)
     tracer = Tracer(exporter=exporter)
     spans(tracer, ["a"])
-    await asyncio.wait_for(held.got_request.wait(), 5)
+    await asyncio.wait_for(receiver.got_request.wait(), 5)
     spans(tracer, ["b", "c", "d", "e", "f"])  # room for 3 besides the one in the POST
     assert exporter.queued == 4 and exporter.dropped == 2
     text = metrics.render().decode()
     assert f"{QUEUE_GAUGE} 4" in text
     assert f'{DROPPED_TOTAL}{{reason="queue_full"}} 2' in text
-    held.release.set()
+    receiver.release.set()
     await exporter.aclose()
-    assert held.names() == ["a", "b", "c", "d"]
+    assert receiver.names() == ["a", "b", "c", "d"]
     assert exporter.exported == 4 and exporter.dropped == 2
     assert f"{EXPORTED_TOTAL} 4" in metrics.render().decode()
 
 
-async def test_cancelling_force_flush_or_aclose_loses_nothing(held: HeldReceiver) -> None:
-    held.hold = True
-    exporter = OTLPExporter(url(held), flush_interval=3600)
+async def test_cancelling_force_flush_or_aclose_loses_nothing(receiver: Receiver) -> None:
+    receiver.hold = True
+    exporter = OTLPExporter(receiver.url, flush_interval=3600)
     tracer = Tracer(exporter=exporter)
     spans(tracer, ["a", "b"])
     flushing = asyncio.create_task(exporter.force_flush())
-    await asyncio.wait_for(held.got_request.wait(), 5)
+    await asyncio.wait_for(receiver.got_request.wait(), 5)
     flushing.cancel()  # e.g. a caller's timeout
     with pytest.raises(asyncio.CancelledError):
         await flushing
@@ -190,21 +93,21 @@ async def test_cancelling_force_flush_or_aclose_loses_nothing(held: HeldReceiver
     closing.cancel()
     with pytest.raises(asyncio.CancelledError):
         await closing
-    held.release.set()
+    receiver.release.set()
     await exporter.aclose()  # idempotent: finishes the close
-    assert held.posts == [["a", "b"], ["c"]]
+    assert receiver.posts == [["a", "b"], ["c"]]
     assert exporter.exported == 3 and exporter.dropped == 0
     spans(tracer, ["late"])  # closed: counted, never raised
     assert exporter.dropped == 1
 
 
-async def test_a_batch_cancelled_by_loop_teardown_is_counted(held: HeldReceiver) -> None:
-    held.hold = True
+async def test_a_batch_cancelled_by_loop_teardown_is_counted(receiver: Receiver) -> None:
+    receiver.hold = True
     metrics = Metrics()
-    exporter = OTLPExporter(url(held), flush_interval=0.005, metrics=metrics)
+    exporter = OTLPExporter(receiver.url, flush_interval=0.005, metrics=metrics)
     tracer = Tracer(exporter=exporter)
     spans(tracer, ["a", "b", "c"])
-    await asyncio.wait_for(held.got_request.wait(), 5)
+    await asyncio.wait_for(receiver.got_request.wait(), 5)
     # What asyncio.run does to leftover tasks at exit: cancel them.
     tasks = list(exporter._batcher._tasks)
     assert len(tasks) == 1
@@ -216,7 +119,7 @@ async def test_a_batch_cancelled_by_loop_teardown_is_counted(held: HeldReceiver)
 
 
 async def test_an_unexpected_error_drops_and_counts_the_batch_and_export_goes_on(
-    held: HeldReceiver, monkeypatch: pytest.MonkeyPatch
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = otlp.encode_spans
     calls = 0
@@ -230,33 +133,33 @@ async def test_an_unexpected_error_drops_and_counts_the_batch_and_export_goes_on
 
     monkeypatch.setattr(otlp, "encode_spans", broken_once)
     metrics = Metrics()
-    exporter = OTLPExporter(url(held), flush_interval=3600, metrics=metrics)
+    exporter = OTLPExporter(receiver.url, flush_interval=3600, metrics=metrics)
     tracer = Tracer(exporter=exporter)
     spans(tracer, ["lost1", "lost2"])
     await exporter.force_flush()
     spans(tracer, ["kept"])
     await exporter.aclose()
-    assert held.names() == ["kept"]
+    assert receiver.names() == ["kept"]
     assert exporter.exported == 1 and exporter.dropped == 2
     assert f'{DROPPED_TOTAL}{{reason="export_failed"}} 2' in metrics.render().decode()
 
 
-async def test_spans_ended_before_the_loop_are_held_then_sent(held: HeldReceiver) -> None:
-    exporter = OTLPExporter(url(held), max_queue=2, flush_interval=3600)
+async def test_spans_ended_before_the_loop_are_held_then_sent(receiver: Receiver) -> None:
+    exporter = OTLPExporter(receiver.url, max_queue=2, flush_interval=3600)
     tracer = Tracer(exporter=exporter)
     # A thread has no running loop: like spans ended while the process starts up.
     await asyncio.to_thread(spans, tracer, ["early1", "early2", "early3"])
     assert exporter.queued == 2 and exporter.dropped == 1  # bounded like the queue
     await exporter.aclose()
-    assert held.names() == ["early1", "early2"]
+    assert receiver.names() == ["early1", "early2"]
     assert exporter.exported == 2
 
 
-async def test_force_flush_sends_now_and_returns_when_answered(held: HeldReceiver) -> None:
-    exporter = OTLPExporter(url(held), max_batch=2, flush_interval=3600)
+async def test_force_flush_sends_now_and_returns_when_answered(receiver: Receiver) -> None:
+    exporter = OTLPExporter(receiver.url, max_batch=2, flush_interval=3600)
     tracer = Tracer(exporter=exporter)
     spans(tracer, ["a", "b", "c"])  # [a, b] by size; [c] would wait an hour
     await exporter.force_flush()
-    assert held.posts == [["a", "b"], ["c"]] and exporter.exported == 3
+    assert receiver.posts == [["a", "b"], ["c"]] and exporter.exported == 3
     assert exporter.queued == 0
     await exporter.aclose()

@@ -39,8 +39,7 @@ from fastedge.filters.ratelimit_redis import (
 )
 from fastedge.observe.metrics import Metrics
 from fastedge.server import ProxyServer
-from tests.conftest import ROOT, Client, get
-from tests.test_cli import free_port, wait_port
+from tests.conftest import ROOT, Client, free_port, get, wait_port
 
 
 @pytest.fixture(scope="module")

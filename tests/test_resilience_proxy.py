@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -19,24 +18,10 @@ import pytest
 import fastedge.server as server_module
 from fastedge.config import parse_config
 from fastedge.server import ProxyServer
-from tests.conftest import ROOT, Client, call, get, start_origin, stop_origin
+from tests.conftest import Client, call, free_port, get, start_origin, stop_origin
 from tests.faulty_origin import start_faulty
 
 TOKEN = "resilience-test-token"
-
-
-def start_origin_on(port: int) -> subprocess.Popen[str]:
-    """Restart ``tests/origin.py`` on a known port (a target coming back)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.origin", "--port", str(port)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith("PORT "), line
-    return proc
 
 
 class Processes:
@@ -51,7 +36,7 @@ class Processes:
         return proc, port
 
     def origin_on(self, port: int) -> subprocess.Popen[str]:
-        proc = start_origin_on(port)
+        proc, _ = start_origin(port)  # a target coming back
         self.procs.append(proc)
         return proc
 
@@ -82,15 +67,6 @@ def procs() -> Iterator[Processes]:
 
 def url(port: int) -> str:
     return f"http://127.0.0.1:{port}"
-
-
-def dead_port() -> int:
-    """A loopback port nothing listens on (connects are refused)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_config(upstreams: dict[str, Any], *, engine: str = "fast", admin: bool = False) -> Any:
@@ -367,7 +343,7 @@ async def test_post_is_not_retried_once_sent_but_is_after_a_connect_error(
     # Nothing was sent when the connect failed, so even a POST moves on.
     _, good = procs.origin()
     server = await serve(
-        make_config({"main": {"targets": [url(dead_port()), url(good)], "retry": {}}})
+        make_config({"main": {"targets": [url(free_port()), url(good)], "retry": {}}})
     )
     for _ in range(4):
         resp = await fetch(server.port, "/echo", method="POST", body=b'{"a": 1}')
@@ -406,7 +382,7 @@ async def test_fallback_upstream_takes_over_when_no_target_is_available(
         make_config(
             {
                 "main": {
-                    "targets": [url(dead_port())],
+                    "targets": [url(free_port())],
                     "health_check": {"interval": "50ms", "fall": 1},
                     "fallback": "backup",
                 },
@@ -428,7 +404,7 @@ async def test_a_consistent_hash_fallback_keeps_affinity(procs: Processes, serve
         make_config(
             {
                 "main": {
-                    "targets": [url(dead_port())],
+                    "targets": [url(free_port())],
                     "health_check": {"interval": "50ms", "fall": 1},
                     "fallback": "backup",
                 },
@@ -459,7 +435,7 @@ async def test_static_fallback_response(procs: Processes, serve: Any) -> None:
         make_config(
             {
                 "main": {
-                    "targets": [url(dead_port())],
+                    "targets": [url(free_port())],
                     "health_check": {"interval": "50ms", "fall": 1},
                     "fallback_response": {
                         "status": 200,
@@ -486,7 +462,7 @@ async def test_no_available_target_without_fallback_is_503_with_retry_after(
         make_config(
             {
                 "main": {
-                    "targets": [url(dead_port())],
+                    "targets": [url(free_port())],
                     "health_check": {"interval": "2s", "fall": 1, "rise": 2},
                 }
             }
@@ -575,7 +551,7 @@ async def test_get_upstreams_shape(procs: Processes, serve: Any) -> None:
                 "main": {
                     "targets": [
                         {"url": url(a), "weight": 3},
-                        {"url": url(dead_port()), "priority": 1},
+                        {"url": url(free_port()), "priority": 1},
                     ],
                     "balance": "least_conn",
                     "breaker": {},

@@ -18,7 +18,7 @@ from fastedge.state import (
     RedisCoordinator,
     StateUnavailable,
 )
-from tests.test_cli import free_port
+from tests.conftest import free_port
 
 Coordinator = LocalCoordinator | RedisCoordinator
 

@@ -4,13 +4,7 @@ OTLP/HTTP JSON against a real local receiver."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
 
-import h11
 import orjson
 import pytest
 
@@ -38,6 +32,8 @@ from fastedge.observe.tracing import (
     TraceIdRatio,
     Tracer,
 )
+from tests.conftest import free_port
+from tests.otlp_receiver import Receiver
 
 TID = "4bf92f3577b34da6a3ce929d0e0e4736"
 SID = "00f067aa0ba902b7"
@@ -230,97 +226,6 @@ def test_in_memory_sink_keeps_the_most_recent_spans() -> None:
 # -- OTLP/HTTP against a real receiver -----------------------------------------------------------
 
 
-@dataclass
-class Receiver:
-    """A local OTLP/HTTP receiver (asyncio + h11) decoding what arrives."""
-
-    port: int = 0
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    content_types: list[bytes] = field(default_factory=list)
-    # statuses to answer, in order; 200 once exhausted
-    script: list[tuple[int, list[tuple[str, str]], bytes]] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    attempts: int = 0
-    close_after_response: bool = False  # like a collector with a short keep-alive timeout
-    connections: int = 0
-
-    def spans(self) -> list[dict[str, Any]]:
-        return [
-            s
-            for doc in self.requests
-            for rs in doc["resourceSpans"]
-            for ss in rs["scopeSpans"]
-            for s in ss["spans"]
-        ]
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER)
-        self.connections += 1
-        body = b""
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await reader.read(65536)
-                    conn.receive_data(data)
-                    if not data and conn.their_state is not h11.DONE:
-                        return
-                    continue
-                if isinstance(event, h11.Request):
-                    assert event.method == b"POST" and event.target == b"/v1/traces"
-                    self.content_types.extend(v for n, v in event.headers if n == b"content-type")
-                    body = b""
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                elif isinstance(event, h11.EndOfMessage):
-                    self.attempts += 1
-                    status, headers, resp = self.script.pop(0) if self.script else (200, [], b"{}")
-                    if status == 200:
-                        self.requests.append(orjson.loads(body))
-                    writer.write(
-                        conn.send(
-                            h11.Response(
-                                status_code=status,
-                                headers=[("content-length", str(len(resp))), *headers],
-                            )
-                        )
-                        or b""
-                    )
-                    writer.write(conn.send(h11.Data(data=resp)) or b"")
-                    writer.write(conn.send(h11.EndOfMessage()) or b"")
-                    await writer.drain()
-                    self.arrived.set()
-                    if self.close_after_response:
-                        return
-                    conn.start_next_cycle()
-                elif isinstance(event, h11.ConnectionClosed):
-                    return
-        except (ConnectionError, h11.ProtocolError):
-            return
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver()
-    server = await asyncio.start_server(rec.handle, "127.0.0.1", 0)
-    rec.port = server.sockets[0].getsockname()[1]
-    try:
-        yield rec
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_spans_arrive_at_the_receiver_with_ids_links_and_attributes(
     receiver: Receiver,
 ) -> None:
@@ -451,7 +356,7 @@ async def test_partial_success_counts_rejected_spans(receiver: Receiver) -> None
 async def test_receiver_down_drops_and_counts_never_raises() -> None:
     metrics = Metrics()
     exporter = OTLPExporter(
-        f"http://127.0.0.1:{_closed_port()}/v1/traces",
+        f"http://127.0.0.1:{free_port()}/v1/traces",
         flush_interval=0.01,
         max_retries=2,
         backoff=0.001,
@@ -470,7 +375,7 @@ async def test_receiver_down_drops_and_counts_never_raises() -> None:
 async def test_full_queue_drops_and_counts() -> None:
     metrics = Metrics()
     exporter = OTLPExporter(
-        f"http://127.0.0.1:{_closed_port()}/v1/traces",
+        f"http://127.0.0.1:{free_port()}/v1/traces",
         max_queue=3,
         flush_interval=3600,
         max_retries=0,

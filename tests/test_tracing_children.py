@@ -5,45 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import jwt
 import pytest
 
-from fastedge.config import parse_config
 from fastedge.observe.tracecontext import parse_traceparent
 from fastedge.observe.tracing import Span, SpanKind, StatusCode
 from fastedge.server import ProxyServer
-from tests.conftest import ROOT, Client, Response, get
+from tests.conftest import Client, Response, get
 
 SECRET = "tracing-children-secret-0123456789-abcdefgh"  # >= 32 bytes for HS256
 ENV = "FASTEDGE_TRACING_CHILDREN_SECRET"
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
-
-
-@pytest.fixture(scope="module")
-def batch_port() -> Iterator[int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.batch_origin", "--port", "0"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    try:
-        assert line.startswith("PORT "), line
-        yield int(line.split()[1])
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
 
 
 def config_doc(
@@ -103,25 +80,6 @@ def config_doc(
 @pytest.fixture(autouse=True)
 def secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV, SECRET)
-
-
-@pytest.fixture
-async def make_proxy() -> AsyncIterator[Any]:
-    servers: list[ProxyServer] = []
-
-    async def start(doc: dict[str, Any]) -> ProxyServer:
-        server = ProxyServer(parse_config(doc))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        auth = server.config.sections.get("auth")
-        close = getattr(auth, "aclose", None)
-        if close is not None:
-            await close()
-        await server.shutdown(drain_timeout=1)
 
 
 def token(sub: str = "alice") -> str:

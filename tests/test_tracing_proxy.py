@@ -11,7 +11,7 @@ from fastedge.config import parse_config
 from fastedge.observe.tracecontext import parse_traceparent
 from fastedge.server import ProxyServer
 from tests.conftest import Client, get
-from tests.test_tracing import Receiver, receiver  # noqa: F401  (fixture)
+from tests.otlp_receiver import Receiver
 
 CALLER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -105,7 +105,7 @@ async def test_unsampled_requests_propagate_but_record_nothing(
 async def test_spans_are_exported_over_otlp(
     origin_port: int,
     engine_name: str,
-    receiver: Receiver,  # noqa: F811
+    receiver: Receiver,
 ) -> None:
     endpoint = f"http://127.0.0.1:{receiver.port}/v1/traces"
     server = ProxyServer(

@@ -25,7 +25,17 @@ import pytest
 from fastedge.config import Config, parse_config
 from fastedge.server import ProxyServer
 from fastedge.traffic import in_cohort
-from tests.conftest import ROOT, Client, call, get, start_origin, stop_origin
+from tests.conftest import (
+    ROOT,
+    Client,
+    call,
+    free_port,
+    get,
+    running_demo,
+    start_origin,
+    stop_origin,
+    wait_port,
+)
 
 TOKEN = "traffic-admin-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -336,31 +346,6 @@ async def test_state_file_keeps_the_last_shift_across_a_restart_and_a_reload(
     await client.close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            raise RuntimeError(f"fastedge exited with {proc.returncode}: {err.decode()}")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-    raise TimeoutError(f"port {port} did not open")
-
-
 def _can_mount_tmpfs(mnt: Path) -> bool:
     probe = subprocess.run(
         ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=16k tmpfs "$0"', str(mnt)],
@@ -379,7 +364,7 @@ async def test_disk_full_keeps_serving_and_says_not_persisted(
     mnt.mkdir()
     if shutil.which("unshare") is None or not _can_mount_tmpfs(mnt):
         pytest.skip("no unprivileged mount namespaces here (unshare -rm); see test_traffic.py")
-    port, admin_port = _free_port(), _free_port()
+    port, admin_port = free_port(), free_port()
     cfg = tmp_path / "fastedge.toml"
     upstreams = "".join(
         f'[upstreams.{n}]\ntargets = ["http://127.0.0.1:{p}"]\n' for n, p in origins.items()
@@ -410,8 +395,8 @@ async def test_disk_full_keeps_serving_and_says_not_persisted(
         stderr=subprocess.PIPE,
     )
     try:
-        await _wait_port(admin_port, proc)
-        await _wait_port(port, proc)
+        await wait_port(admin_port, proc, timeout=20)
+        await wait_port(port, proc, timeout=20)
         inside = Path(f"/proc/{proc.pid}/root{mnt}")  # the tmpfs, seen from outside
 
         async def put(weights: dict[str, int]) -> dict[str, Any]:
@@ -573,7 +558,7 @@ def _start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
 async def test_redis_down_keeps_the_last_values_and_recovers(
     origins: dict[str, int], tmp_path: Path, servers: list[ProxyServer]
 ) -> None:
-    port = _free_port()
+    port = free_port()
     redis_proc = _start_redis(port, tmp_path)
     url = f"redis://127.0.0.1:{port}/0"
     try:
@@ -623,7 +608,7 @@ async def test_redis_down_keeps_the_last_values_and_recovers(
 async def test_redis_unreachable_from_the_start_serves_the_config(
     origins: dict[str, int], servers: list[ProxyServer]
 ) -> None:
-    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     server = await start(servers, redis_config(origins, url, "x:", "100ms"))
     client = await Client.open(server.port)
     assert {await served_by(client) for _ in range(5)} == {origins["blue"]}
@@ -638,16 +623,9 @@ async def test_redis_unreachable_from_the_start_serves_the_config(
 
 
 async def test_demo_starts_blue_has_a_canary_cohort_and_shifts() -> None:
-    from fastedge.demo import _cohort_user, instructions, start_demo
+    from fastedge.demo import _cohort_user, instructions
 
-    server, services, _ = await start_demo(
-        gateway="127.0.0.1:0",
-        admin="127.0.0.1:0",
-        service_ports={},
-        access_log=False,
-        admin_token=TOKEN,
-    )
-    try:
+    async with running_demo(TOKEN) as server:
         client = await Client.open(server.port)
 
         async def version(n: int, extra: str = "") -> bytes | None:
@@ -667,6 +645,3 @@ async def test_demo_starts_blue_has_a_canary_cohort_and_shifts() -> None:
         await client.close()
         text = instructions("127.0.0.1:8080", "127.0.0.1:9901", "t")
         assert "PUT" in text and "/traffic/products" in text and f"X-User-Id: {inside}" in text
-    finally:
-        await server.shutdown(drain_timeout=1)
-        await services.close()

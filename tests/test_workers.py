@@ -33,18 +33,19 @@ from fastedge.minihttp import Request, Response, start_server
 from fastedge.observe.aggregate import ExpositionError, merge_expositions
 from fastedge.observe.metrics import MetricFamily, Metrics
 from fastedge.workers import ConfigSnapshot, cpu_count, merge_stats, read_config_file
-from tests.conftest import ROOT, call, start_origin, stop_origin
-from tests.test_cli import free_port
+from tests.conftest import ROOT, call, free_port, start_origin, stop_origin
 from tests.test_lifecycle_load import (
-    CLIENTS,
-    IN_FLIGHT_AGE,
     REQUEST_TIMEOUT,
     Tally,
+    assert_reloads_lost_nothing,
+    assert_shutdown_lost_nothing,
     probe_generation,
+    sigterm_under_load,
     start_load,
     wait_exit,
     write_atomically,
 )
+from tests.test_lifecycle_load import config_text as lifecycle_config
 
 TOKEN = "workers-test-token-0123456789"
 DRAIN = 5.0  # seconds: the drain_timeout of every instance here
@@ -57,33 +58,10 @@ START_TIMEOUT = 30.0  # a supervisor and two interpreters on a loaded 2-core mac
 def config_text(
     port: int, admin_port: int, origin_port: int, gen: str = "gen-a", extra: str = ""
 ) -> str:
-    """Like tests/test_lifecycle_load.py's config (``/svc`` rewrites to ``/<gen>``, so a
+    """tests/test_lifecycle_load.py's config (``/svc`` rewrites to ``/<gen>``, so a
     response names the generation that routed it), with the admin API on."""
-    return f"""
-[server]
-listen = "127.0.0.1:{port}"
-access_log = false
-drain_timeout = "{DRAIN:g}s"
-
-[admin]
-listen = "127.0.0.1:{admin_port}"
-token_env = "FASTEDGE_TEST_ADMIN_TOKEN"
-
-[upstreams.origin]
-targets = ["http://127.0.0.1:{origin_port}"]
-
-[upstreams.origin.pool]
-max_connections = 6
-
-[[routes]]
-prefix = "/svc"
-upstream = "origin"
-rewrite = "/{gen}"
-
-[[routes]]
-prefix = "/"
-upstream = "origin"
-{extra}"""
+    admin = f'listen = "127.0.0.1:{admin_port}"\ntoken_env = "FASTEDGE_TEST_ADMIN_TOKEN"'
+    return lifecycle_config(port, origin_port, None, gen, f"{DRAIN:g}s", admin=admin, extra=extra)
 
 
 @dataclass
@@ -474,10 +452,7 @@ async def test_reload_under_load_applies_in_every_worker(
         await asyncio.wait_for(asyncio.gather(*tasks), REQUEST_TIMEOUT + 5)
 
     assert inst.proc.poll() is None, inst.stderr()
-    assert tally.failures == [], tally.failures[:20]
-    assert (tally.refused, tally.retried, sum(tally.unanswered.values())) == (0, 0, 0)
-    assert tally.ok > 200
-    assert tally.generations["gen-a"] > 0 and tally.generations["gen-b"] > 0
+    assert_reloads_lost_nothing(tally)
     # Refused by the supervisor alone: the workers never saw the invalid file.
     assert inst.stderr().count("reload refused") == 1
     metrics = await inst.metrics()
@@ -495,32 +470,10 @@ async def test_shutdown_under_load_loses_no_request(
     supervisor exits 0 after its workers."""
     inst = await two_workers(instances, tmp_path, origin_port)
     pids = {w["pid"] for w in await inst.workers()}
-    loop = asyncio.get_running_loop()
-    tally = Tally()
-    stop = asyncio.Event()
-    tasks = start_load(inst.port, tally, stop, slow_workers=2, budget=30)
-    try:
-        await asyncio.sleep(1.0)  # pacing: load runs before the signal
-        for _ in range(300):
-            if any(loop.time() - t >= IN_FLIGHT_AGE for t in tally.slow_pending.values()):
-                break
-            await asyncio.sleep(0.01)
-        term_at = loop.time()
-        inst.proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(asyncio.gather(*tasks), DRAIN + REQUEST_TIMEOUT)
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    tally, term_at = await sigterm_under_load(inst.proc, inst.port, budget=30, drain=DRAIN)
     code = await wait_exit(inst.proc, DRAIN + 10)
 
-    assert tally.failures == [], tally.failures[:20]
-    assert tally.ok > 50
-    assert tally.refused == CLIENTS
-    in_flight = [
-        r for r in tally.slow if r.sent_at <= term_at - IN_FLIGHT_AGE and r.done_at >= term_at
-    ]
-    assert in_flight, "no slow request was in flight at SIGTERM"
-    assert all(r.outcome == "ok" and r.closes for r in in_flight), in_flight
+    assert_shutdown_lost_nothing(tally, term_at)
     assert code == 0, inst.stderr()
     for pid in pids:
         assert f"(pid {pid}) exited (exit status 0)" in inst.stderr()

@@ -16,10 +16,9 @@ Both run only this scenario (``ProxySpec.scenarios``); the ratio that matters is
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from bench.load.variants import Comparison
+from bench.load.variants import Comparison, reverse_proxy_command
 
 CACHED_PATH = "/cached"
 SCENARIO = "cache-hit"
@@ -44,48 +43,26 @@ def nginx_cache_command(
     workdir: Path, port: int, upstream_port: int, tools: dict[str, str]
 ) -> list[str]:
     """nginx as the benchmark's reverse proxy with ``proxy_cache`` on."""
-    from bench.load.run import _nginx_prelude  # run imports this module
+    from bench.load.run import nginx_command, proxy_nginx_conf  # run imports this module
 
-    conf = workdir / "nginx.conf"
-    conf.write_text(
-        _nginx_prelude(workdir)
-        + f"""    proxy_cache_path {workdir}/cache levels=1:2 keys_zone=bench:10m max_size=64m
-                     inactive=10m use_temp_path=off;
-    upstream backend {{
-        server 127.0.0.1:{upstream_port};
-        keepalive 64;
-        keepalive_requests 1000000;
-    }}
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffers 16 8k;
-            proxy_cache bench;
-            add_header Cache-Status $upstream_cache_status;
-        }}
-    }}
-}}
-"""
+    conf = proxy_nginx_conf(
+        workdir,
+        port,
+        upstream_port,
+        http_extra=(
+            f"    proxy_cache_path {workdir}/cache levels=1:2 keys_zone=bench:10m max_size=64m\n"
+            "                     inactive=10m use_temp_path=off;\n"
+        ),
+        location_extra=(
+            "            proxy_cache bench;\n"
+            "            add_header Cache-Status $upstream_cache_status;\n"
+        ),
     )
-    return [tools["nginx"], "-p", f"{workdir}/", "-c", str(conf), "-e", str(workdir / "error.log")]
+    return nginx_command(workdir, conf, tools["nginx"])
 
 
 def fastedge_cache_command(
     workdir: Path, port: int, upstream_port: int, tools: dict[str, str]
 ) -> list[str]:
     """``fastedge reverse-proxy --cache 64MiB``."""
-    return [
-        sys.executable,
-        "-m",
-        "fastedge",
-        "reverse-proxy",
-        "--from",
-        f"127.0.0.1:{port}",
-        "--to",
-        f"http://127.0.0.1:{upstream_port}",
-        "--cache",
-        "64MiB",
-    ]
+    return reverse_proxy_command(port, upstream_port, "--cache", "64MiB")

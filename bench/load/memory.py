@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,9 +140,9 @@ async def _hold(port: int, count: int, read_rss: Callable[[], int]) -> tuple[int
 
 
 def _fastedge_command(workdir: Path, port: int, upstream_port: int, connections: int) -> list[str]:
-    conf = workdir / "fastedge.toml"
-    conf.write_text(variants.memory_config(port, upstream_port, connections))
-    return [sys.executable, "-m", "fastedge", "run", "-c", str(conf)]
+    return variants.run_file_command(
+        workdir, variants.memory_config(port, upstream_port, connections)
+    )
 
 
 def _nginx_command(
@@ -154,13 +153,8 @@ def _nginx_command(
     text = run.proxy_nginx_conf(workdir, port, upstream_port)
     if default not in text:
         raise run.HarnessError("proxy_nginx_conf changed: update bench/load/memory.py")
-    conf = workdir / "nginx.conf"
-    conf.write_text(
-        text.replace(
-            default, f"worker_rlimit_nofile {fds};\nevents {{ worker_connections {fds}; }}"
-        )
-    )
-    return [nginx, "-p", f"{workdir}/", "-c", str(conf), "-e", str(workdir / "error.log")]
+    limits = f"worker_rlimit_nofile {fds};\nevents {{ worker_connections {fds}; }}"
+    return run.nginx_command(workdir, text.replace(default, limits), nginx)
 
 
 def measure(bench: run.Bench, proxy: str, connections: int) -> MemoryResult:

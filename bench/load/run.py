@@ -422,10 +422,15 @@ def upstream_nginx_conf(workdir: Path, port: int, www: Path) -> str:
     )
 
 
-def proxy_nginx_conf(workdir: Path, port: int, upstream_port: int) -> str:
-    """nginx as a reverse proxy with an upstream keep-alive pool, as its docs recommend."""
+def proxy_nginx_conf(
+    workdir: Path, port: int, upstream_port: int, *, http_extra: str = "", location_extra: str = ""
+) -> str:
+    """nginx as a reverse proxy with an upstream keep-alive pool, as its docs recommend;
+    ``http_extra`` / ``location_extra`` are directives (whole indented lines) added to
+    its ``http`` block and to its ``location /`` (bench/load/cache.py's proxy_cache)."""
     return (
         _nginx_prelude(workdir)
+        + http_extra
         + f"""    upstream backend {{
         server 127.0.0.1:{upstream_port};
         keepalive 64;
@@ -440,11 +445,19 @@ def proxy_nginx_conf(workdir: Path, port: int, upstream_port: int) -> str:
             # 16 x 8k: a 64 KiB answer fits in memory. With the default 8 x 4k nginx would
             # spill it to a temp file on disk, which measures the disk, not the proxy.
             proxy_buffers 16 8k;
-        }}
+{location_extra}        }}
     }}
 }}
 """
     )
+
+
+def nginx_command(workdir: Path, conf: str, nginx: str) -> list[str]:
+    """Write ``conf`` to ``workdir/nginx.conf``: the command that runs nginx on it."""
+    path = workdir / "nginx.conf"
+    path.write_text(conf)
+    # -e: the error log before the config is read (Debian's default is /var/log/nginx).
+    return [nginx, "-p", f"{workdir}/", "-c", str(path), "-e", str(workdir / "error.log")]
 
 
 def haproxy_conf(port: int, upstream_port: int) -> str:
@@ -496,10 +509,7 @@ class ProxySpec:
 def _nginx_command(
     workdir: Path, port: int, upstream_port: int, tools: dict[str, str]
 ) -> list[str]:
-    conf = workdir / "nginx.conf"
-    conf.write_text(proxy_nginx_conf(workdir, port, upstream_port))
-    # -e: the error log before the config is read (Debian's default is /var/log/nginx).
-    return [tools["nginx"], "-p", f"{workdir}/", "-c", str(conf), "-e", str(workdir / "error.log")]
+    return nginx_command(workdir, proxy_nginx_conf(workdir, port, upstream_port), tools["nginx"])
 
 
 def _haproxy_command(
@@ -528,16 +538,7 @@ def _aiohttp_command(
 def _fastedge_command(
     workdir: Path, port: int, upstream_port: int, tools: dict[str, str]
 ) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "fastedge",
-        "reverse-proxy",
-        "--from",
-        f"127.0.0.1:{port}",
-        "--to",
-        f"http://127.0.0.1:{upstream_port}",
-    ]
+    return variants.reverse_proxy_command(port, upstream_port)
 
 
 PROXIES: dict[str, ProxySpec] = {

@@ -110,16 +110,16 @@ def memory_config(port: int, upstream_port: int, connections: int) -> str:
     )
 
 
-def _run_file(workdir: Path, text: str, *extra: str) -> list[str]:
+def run_file_command(workdir: Path, text: str, *extra: str) -> list[str]:
+    """Write ``text`` to ``workdir/fastedge.toml``: the ``fastedge run -c`` command on it."""
     conf = workdir / "fastedge.toml"
     conf.write_text(text)
     return [sys.executable, "-m", "fastedge", "run", "-c", str(conf), *extra]
 
 
-def workers_command(
-    workdir: Path, port: int, upstream_port: int, tools: dict[str, str]
-) -> list[str]:
-    """``fastedge-w2``: the one-liner with ``--workers 2``."""
+def reverse_proxy_command(port: int, upstream_port: int, *extra: str) -> list[str]:
+    """The one-liner ``fastedge reverse-proxy`` from ``127.0.0.1:port`` to the origin,
+    with ``extra`` options."""
     return [
         sys.executable,
         "-m",
@@ -129,16 +129,22 @@ def workers_command(
         f"127.0.0.1:{port}",
         "--to",
         f"http://127.0.0.1:{upstream_port}",
-        "--workers",
-        "2",
+        *extra,
     ]
+
+
+def workers_command(
+    workdir: Path, port: int, upstream_port: int, tools: dict[str, str]
+) -> list[str]:
+    """``fastedge-w2``: the one-liner with ``--workers 2``."""
+    return reverse_proxy_command(port, upstream_port, "--workers", "2")
 
 
 def routes_command(
     workdir: Path, port: int, upstream_port: int, tools: dict[str, str]
 ) -> list[str]:
     """``fastedge-1k-routes``."""
-    return _run_file(workdir, routes_config(port, upstream_port))
+    return run_file_command(workdir, routes_config(port, upstream_port))
 
 
 def chain_command(workdir: Path, port: int, upstream_port: int, tools: dict[str, str]) -> list[str]:
@@ -146,7 +152,7 @@ def chain_command(workdir: Path, port: int, upstream_port: int, tools: dict[str,
     return [
         "env",
         f"{JWT_SECRET_ENV}={JWT_SECRET}",
-        *_run_file(workdir, chain_config(port, upstream_port)),
+        *run_file_command(workdir, chain_config(port, upstream_port)),
     ]
 
 

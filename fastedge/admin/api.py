@@ -27,9 +27,11 @@ handler}``. A path segment written ``{name}`` matches any one segment and is pas
 from __future__ import annotations
 
 import hmac
+import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import unquote
 
 import orjson
@@ -38,7 +40,17 @@ from fastedge.admin import session
 from fastedge.minihttp import HttpServer, Limits, Request, Response, start_server
 from fastedge.observe.metrics import CONTENT_TYPE, Metrics
 
-__all__ = ["AdminError", "AdminRequest", "AdminResponse", "AdminServer", "Handler"]
+if TYPE_CHECKING:
+    from fastedge.config import AdminConfig
+
+__all__ = [
+    "AdminError",
+    "AdminRequest",
+    "AdminResponse",
+    "AdminServer",
+    "Handler",
+    "admin_token",
+]
 
 AdminResponse: TypeAlias = Response
 """What an admin handler returns; build it with ``AdminResponse.json(...)``,
@@ -96,6 +108,28 @@ _NO_STORE = ("cache-control", "no-store")
 
 # Methods that never change state (RFC 9110 §9.2.1), so a session cookie alone may send them.
 _SAFE_METHODS = frozenset({"GET", "HEAD"})
+
+
+# Listener hosts that only this machine can reach: no token is needed there.
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+def admin_token(admin: AdminConfig, log: logging.Logger, preset: str | None = None) -> str | None:
+    """The token of the admin listener ``admin.listen``: ``preset`` when given, else the
+    ``admin.token_env`` environment variable; ``None`` (no authentication) when neither
+    is set, with a warning on ``log`` unless the listener is on loopback."""
+    token = preset or os.environ.get(admin.token_env) or None
+    if token is None and admin.listen is not None:
+        host, port = admin.listen
+        if not host.startswith(_LOOPBACK):
+            log.warning(
+                "admin listener on %s:%d has no token (set %s): anyone who can reach "
+                "it can read the config and metrics",
+                host,
+                port,
+                admin.token_env,
+            )
+    return token
 
 
 def _is_login(request: Request) -> bool:

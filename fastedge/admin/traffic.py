@@ -21,7 +21,8 @@ Token auth comes from the admin server; GET never changes anything.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastedge.admin.api import AdminError, AdminRequest, AdminResponse, Handler
 from fastedge.traffic import (
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 
 __all__ = ["admin_routes", "flag_view", "split_view"]
 
+_T = TypeVar("_T")
+
 
 def split_view(cfg: SplitConfig, split: Split) -> dict[str, Any]:
     """A split as the admin API shows it."""
@@ -57,17 +60,36 @@ def flag_view(cfg: FlagConfig, rollout: Rollout) -> dict[str, Any]:
     }
 
 
+async def _change(invalid: str, change: Awaitable[_T]) -> _T:
+    """Await a store change, answering its refusals: an unknown name is 404, a value the
+    store rejects 400 (``"<invalid>: <why>"``), shared state that is down 503."""
+    try:
+        return await change
+    except UnknownName as exc:
+        raise AdminError(404, str(exc)) from None
+    except ValueError as exc:
+        raise AdminError(400, f"{invalid}: {exc}") from None
+    except TrafficUnavailable as exc:
+        raise AdminError(503, f"{exc}; nothing changed, try again") from None
+
+
 def admin_routes(server: ProxyServer) -> dict[tuple[str, str], Handler]:
     """The traffic and flag endpoints for ``server``."""
 
     def store() -> TrafficStore | None:
         return store_for(server.runtime, server.gateway.config)
 
-    def found(name: str, kind: str) -> TrafficStore:
+    def found(
+        name: str, kind: str, get: Callable[[TrafficStore, str], _T]
+    ) -> tuple[TrafficStore, _T]:
+        """The store and ``get(store, name)`` (a split or flag); 404 when there is none."""
         current = store()
         if current is None:
             raise AdminError(404, f"no {kind} named {name!r}")
-        return current
+        try:
+            return current, get(current, name)
+        except UnknownName as exc:
+            raise AdminError(404, str(exc)) from None
 
     async def list_splits(request: AdminRequest) -> AdminResponse:
         current = store()
@@ -79,27 +101,16 @@ def admin_routes(server: ProxyServer) -> dict[tuple[str, str], Handler]:
 
     async def get_split(request: AdminRequest) -> AdminResponse:
         name = request.params["name"]
-        try:
-            return AdminResponse.json(split_view(*found(name, "traffic split").split(name)))
-        except UnknownName as exc:
-            raise AdminError(404, str(exc)) from None
+        _, (cfg, split) = found(name, "traffic split", TrafficStore.split)
+        return AdminResponse.json(split_view(cfg, split))
 
     async def put_split(request: AdminRequest) -> AdminResponse:
         name = request.params["name"]
-        current = found(name, "traffic split")
-        try:
-            current.split(name)  # 404 before looking at the body
-        except UnknownName as exc:
-            raise AdminError(404, str(exc)) from None
+        current, _ = found(name, "traffic split", TrafficStore.split)  # 404 before the body
         body = request.json()
-        try:
-            split, persisted = await current.set_weights(name, body)
-        except UnknownName as exc:
-            raise AdminError(404, str(exc)) from None
-        except ValueError as exc:
-            raise AdminError(400, f"invalid weights for {name!r}: {exc}") from None
-        except TrafficUnavailable as exc:
-            raise AdminError(503, f"{exc}; nothing changed, try again") from None
+        split, persisted = await _change(
+            f"invalid weights for {name!r}", current.set_weights(name, body)
+        )
         cfg = current.split(name)[0]
         view = split_view(cfg, split)
         return AdminResponse.json(
@@ -121,18 +132,12 @@ def admin_routes(server: ProxyServer) -> dict[tuple[str, str], Handler]:
 
     async def get_flag(request: AdminRequest) -> AdminResponse:
         name = request.params["name"]
-        try:
-            return AdminResponse.json(flag_view(*found(name, "feature flag").flag(name)))
-        except UnknownName as exc:
-            raise AdminError(404, str(exc)) from None
+        _, (cfg, rollout) = found(name, "feature flag", TrafficStore.flag)
+        return AdminResponse.json(flag_view(cfg, rollout))
 
     async def put_flag(request: AdminRequest) -> AdminResponse:
         name = request.params["name"]
-        current = found(name, "feature flag")
-        try:
-            current.flag(name)  # 404 before looking at the body
-        except UnknownName as exc:
-            raise AdminError(404, str(exc)) from None
+        current, _ = found(name, "feature flag", TrafficStore.flag)  # 404 before the body
         body = request.json()
         if not isinstance(body, dict) or "percent" not in body:
             raise AdminError(400, 'expected a JSON object like {"percent": 20}')
@@ -141,14 +146,9 @@ def admin_routes(server: ProxyServer) -> dict[tuple[str, str], Handler]:
             raise AdminError(
                 400, f"only 'percent' can change at runtime (got {', '.join(map(repr, extra))})"
             )
-        try:
-            rollout, persisted = await current.set_percent(name, body["percent"])
-        except UnknownName as exc:
-            raise AdminError(404, str(exc)) from None
-        except ValueError as exc:
-            raise AdminError(400, f"invalid flag {name!r}: {exc}") from None
-        except TrafficUnavailable as exc:
-            raise AdminError(503, f"{exc}; nothing changed, try again") from None
+        rollout, persisted = await _change(
+            f"invalid flag {name!r}", current.set_percent(name, body["percent"])
+        )
         view = flag_view(current.flag(name)[0], rollout)
         view["persisted"] = persisted
         return AdminResponse.json(view)

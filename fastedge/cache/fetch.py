@@ -8,22 +8,20 @@ parser), bounded in time (the upstream's response timeout, connect included) and
 size (the cache's ``max_object_size``: a body that could not be stored is not read).
 
 One request per connection (``Connection: close``): refreshes happen at most once per
-stored URL per freshness lifetime, so a pool would cost more than it saves — the same
-trade-off as :func:`fastedge.filters.jwks.http_get`, which this follows.
+stored URL per freshness lifetime, so a pool would cost more than it saves. The GET
+itself is :func:`fastedge.bounded_get.get_once`, shared with
+:func:`fastedge.filters.jwks.http_get`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Final, Protocol, TypeAlias
 
-import h11
+from fastedge.bounded_get import FetchError, HttpResponse, get_once
 
-__all__ = ["FetchError", "FetchTarget", "Fetched", "fetch"]
+__all__ = ["FetchError", "FetchTarget", "HttpResponse", "fetch"]
 
 Headers: TypeAlias = list[tuple[bytes, bytes]]
 
@@ -53,10 +51,6 @@ _DROP: Final = frozenset(
 _MAX_HEAD: Final = 64 * 1024
 
 
-class FetchError(Exception):
-    """The refresh failed: connect, TLS, timeout, a malformed or too large response."""
-
-
 class FetchTarget(Protocol):
     """Where to send the request (a :class:`fastedge.gateway.Target` satisfies it)."""
 
@@ -67,15 +61,6 @@ class FetchTarget(Protocol):
     server_hostname: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class Fetched:
-    """A complete response: status, lower-case header names, the whole body."""
-
-    status: int
-    headers: Headers
-    body: bytes
-
-
 async def fetch(
     target: FetchTarget,
     path_query: bytes,
@@ -84,7 +69,7 @@ async def fetch(
     validators: Sequence[tuple[bytes, bytes]] = (),
     timeout: float,
     max_body: int,
-) -> Fetched:
+) -> HttpResponse:
     """GET ``path_query`` from ``target`` with ``headers`` (see :func:`request_fields`)
     and ``validators`` (the stored entry's ``If-None-Match`` / ``If-Modified-Since``),
     all within ``timeout`` seconds.
@@ -92,17 +77,18 @@ async def fetch(
     Raises :class:`FetchError` on any failure, including a body over ``max_body`` bytes.
     """
     fields = request_fields(headers, target.authority) + list(validators)
-    try:
-        async with asyncio.timeout(timeout):
-            return await _exchange(target, path_query, fields, max_body)
-    except TimeoutError:
-        raise FetchError(
-            f"no answer from {target.host}:{target.port} within {timeout:g}s"
-        ) from None
-    except (OSError, ssl.SSLError) as exc:
-        raise FetchError(f"{target.host}:{target.port}: {exc}") from None
-    except h11.ProtocolError as exc:
-        raise FetchError(f"malformed response from {target.host}:{target.port}: {exc}") from None
+    return await get_once(
+        target.host,
+        target.port,
+        path_query,
+        fields,
+        tls=target.ssl,
+        server_hostname=target.server_hostname,
+        timeout=timeout,
+        max_head=_MAX_HEAD,
+        max_body=max_body,
+        label=f"{target.host}:{target.port}",
+    )
 
 
 def request_fields(headers: Headers, authority: bytes) -> Headers:
@@ -114,44 +100,3 @@ def request_fields(headers: Headers, authority: bytes) -> Headers:
         out.insert(0, (b"host", authority))
     out.append((b"connection", b"close"))
     return out
-
-
-async def _exchange(
-    target: FetchTarget, path_query: bytes, headers: Headers, max_body: int
-) -> Fetched:
-    tls = target.ssl
-    reader, writer = await asyncio.open_connection(
-        target.host,
-        target.port,
-        ssl=tls,
-        server_hostname=target.server_hostname if tls is not None else None,
-    )
-    try:
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
-        request = h11.Request(method=b"GET", target=path_query, headers=headers)
-        writer.write(conn.send(request) + (conn.send(h11.EndOfMessage()) or b""))
-        await writer.drain()
-        status = 0
-        fields: Headers = []
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await reader.read(65536))
-                continue
-            if isinstance(event, h11.Response):
-                status = event.status_code
-                fields = [(bytes(n), bytes(v)) for n, v in event.headers]
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > max_body:
-                    raise FetchError(f"response body larger than {max_body} bytes")
-            elif isinstance(event, h11.EndOfMessage):
-                return Fetched(status, fields, bytes(body))
-            elif isinstance(event, h11.ConnectionClosed):
-                raise FetchError("connection closed before the response ended")
-            # InformationalResponse (1xx): keep reading for the final response
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()

@@ -54,7 +54,6 @@ from cryptography.hazmat.primitives import serialization
 
 from fastedge.config import (
     _INVALID,
-    _NAME_RE,
     _TOKEN_RE,
     _boolean,
     _choice,
@@ -67,6 +66,7 @@ from fastedge.config import (
     _integer,
     _join,
     _Key,
+    _named_tables,
     _read_table,
     _string,
     _type_name,
@@ -577,20 +577,15 @@ def _policy(ctx: _Context, path: str, name: str, value: object) -> Any:
 
 def convert_auth_section(ctx: _Context, path: str, value: object) -> Any:
     """Converter of the ``[auth]`` section: ``[auth.NAME]`` tables -> :class:`AuthPolicies`."""
-    if not isinstance(value, Mapping):
-        return ctx.error(
-            path, f"expected a table of policies ([auth.NAME]), got {_type_name(value)}"
-        )
-    policies: dict[str, AuthPolicy] = {}
-    for name, item in value.items():
-        item_path = _join(path, name)
-        if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
-            ctx.error(item_path, "invalid policy name (use 1-64 letters, digits, '_', '-')")
-            continue
-        policy = _policy(ctx, item_path, name, item)
-        if policy is not _INVALID:
-            policies[name] = policy
-    return AuthPolicies(policies)
+    policies = _named_tables(
+        ctx,
+        path,
+        value,
+        _policy,
+        expected="a table of policies ([auth.NAME])",
+        bad_name="invalid policy name (use 1-64 letters, digits, '_', '-')",
+    )
+    return _INVALID if policies is _INVALID else AuthPolicies(policies)
 
 
 def convert_route_auth(ctx: _Context, path: str, value: object) -> Any:

@@ -126,12 +126,7 @@ def decode_answers(body: bytes, ids: Collection[str]) -> dict[str, ItemAnswer | 
     an error). Ids without an entry are absent. Entries without a string ``id`` of this
     batch cannot be attributed to anyone and are ignored.
     """
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise WireError(f"batch answer is not JSON ({exc.msg})") from None
-    if not isinstance(doc, list):
-        raise WireError(f"batch answer must be a JSON array, got {_json_type(doc)}")
+    doc = _json_array(body, "batch answer")
     out: dict[str, ItemAnswer | WireError] = {}
     for entry in doc:
         if not isinstance(entry, dict):
@@ -188,6 +183,17 @@ def _answer(entry: Mapping[str, Any]) -> ItemAnswer:
     return ItemAnswer(status, headers, body)
 
 
+def _json_array(body: bytes, what: str) -> list[Any]:
+    """``body`` parsed as a JSON array; :class:`WireError` naming ``what`` otherwise."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise WireError(f"{what} is not JSON ({exc.msg})") from None
+    if not isinstance(doc, list):
+        raise WireError(f"{what} must be a JSON array, got {_json_type(doc)}")
+    return doc
+
+
 def _json_type(value: object) -> str:
     if value is None:
         return "null"
@@ -207,12 +213,7 @@ def _json_type(value: object) -> str:
 
 def decode_requests(body: bytes) -> list[BatchItem]:
     """Parse a batch call's body (for a Python batch endpoint); raises :class:`WireError`."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise WireError(f"batch request is not JSON ({exc.msg})") from None
-    if not isinstance(doc, list):
-        raise WireError(f"batch request must be a JSON array, got {_json_type(doc)}")
+    doc = _json_array(body, "batch request")
     items: list[BatchItem] = []
     seen: set[str] = set()
     for i, entry in enumerate(doc):

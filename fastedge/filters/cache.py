@@ -38,8 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -85,6 +84,7 @@ from fastedge.config import (
     _field,
     _join,
     _Key,
+    _named_tables,
     _read_table,
     _Schema,
     _size_between,
@@ -129,7 +129,6 @@ REVALIDATE_KEEP: Final = 600.0
 #: or 504 status code" among them.
 DEFAULT_STALE_IF_ERROR_STATUSES: Final = frozenset({500, 502, 503, 504})
 
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Directives that only make sense on requests (RFC 9111 §5.2.1): a route override is a
 # response policy, so these are refused there instead of silently ignored.
 _REQUEST_ONLY: Final = frozenset({"max-stale", "min-fresh", "only-if-cached"})
@@ -255,22 +254,9 @@ def _cache(ctx: _Context, path: str, name: str, value: object) -> Any:
 def convert_caches_section(ctx: _Context, path: str, value: object) -> Any:
     """Converter for ``[caches.NAME]`` tables (``EXTENSION_SECTIONS``): returns
     ``{name: CacheSettings}``; every problem is recorded with its key path."""
-    if not isinstance(value, Mapping):
-        return ctx.error(path, f"expected a table, got {_type_name(value)}")
-    out: dict[str, CacheSettings] = {}
-    ok = True
-    for name, raw in value.items():
-        sub = _join(path, name)
-        if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
-            ctx.error(sub, "a cache name is 1-64 letters, digits, '_' or '-'")
-            ok = False
-            continue
-        settings = _cache(ctx, sub, name, raw)
-        if settings is _INVALID:
-            ok = False
-        else:
-            out[name] = settings
-    return out if ok else _INVALID
+    return _named_tables(
+        ctx, path, value, _cache, bad_name="a cache name is 1-64 letters, digits, '_' or '-'"
+    )
 
 
 def convert_route_cache(ctx: _Context, path: str, value: object) -> Any:
@@ -333,6 +319,17 @@ def _content_length(headers: Headers) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+def _kept_headers(headers: Headers, cc: CacheControl) -> Headers | None:
+    """The fields a response is stored with, or None when it must not be stored at all
+    because it sets a cookie: someone's session must never be handed to everyone. Like
+    nginx and Varnish (unless the origin drops the field for caches with
+    ``private="set-cookie"`` / ``no-cache="..."``, which :func:`storable_headers` does)."""
+    kept = [(n, v) for n, v in storable_headers(headers, cc) if n not in _NOT_STORED]
+    if any(n == b"set-cookie" for n, _ in kept):
+        return None
+    return kept
 
 
 def _keep(lifetime: float, cc: CacheControl, headers: Headers) -> float:
@@ -665,33 +662,14 @@ class CacheFilter:
     def _begin_fill(
         self, ctx: FilterContext, pending: _Pending, status: int, headers: Headers, now: float
     ) -> Filler | None:
-        resp_cc = parse_cache_control(field_values(headers, b"cache-control"))
-        override = self._cc_override
-        cc = route_cache_control(resp_cc, override) if override is not None else resp_cc
-        settings = self.settings
-        if not is_storable(
-            _GET,
-            status,
-            pending.req_cc,
-            cc,
-            headers,
-            has_authorization=ctx.header(b"authorization") is not None,
-            default_ttl=settings.default_ttl,
-        ):
+        cc = self._response_cc(headers)
+        has_authorization = ctx.header(b"authorization") is not None
+        if not self._storable(status, pending.req_cc, cc, headers, has_authorization):
             return None
-        kept = [(n, v) for n, v in storable_headers(headers, cc) if n not in _NOT_STORED]
-        if any(n == b"set-cookie" for n, _ in kept):
-            # Someone's session must never be handed to everyone: like nginx and
-            # Varnish, a response setting a cookie is not stored (unless the origin
-            # drops the field for caches with private="set-cookie" / no-cache="...").
+        kept = _kept_headers(headers, cc)
+        if kept is None:
             return None
-        lifetime = freshness_lifetime(
-            cc,
-            kept,
-            default_ttl=settings.default_ttl,
-            heuristic=settings.heuristic,
-            response_time=now,
-        )
+        lifetime = self._lifetime(cc, kept, now)
         if lifetime <= 0 and not (cc.stale_while_revalidate or cc.stale_if_error):
             return None  # stale on arrival and no stale window: storing buys nothing
         filler = self.cache.store.begin_fill(
@@ -710,6 +688,42 @@ class CacheFilter:
             pending.keep = _keep(lifetime, cc, kept)
         return filler
 
+    def _response_cc(self, headers: Headers) -> CacheControl:
+        """The response's ``Cache-Control`` with this route's override applied."""
+        resp_cc = parse_cache_control(field_values(headers, b"cache-control"))
+        override = self._cc_override
+        return route_cache_control(resp_cc, override) if override is not None else resp_cc
+
+    def _storable(
+        self,
+        status: int,
+        req_cc: CacheControl,
+        cc: CacheControl,
+        headers: Headers,
+        has_authorization: bool,
+    ) -> bool:
+        """Whether a response to a GET may be stored (RFC 9111 §3) under these settings."""
+        return is_storable(
+            _GET,
+            status,
+            req_cc,
+            cc,
+            headers,
+            has_authorization=has_authorization,
+            default_ttl=self.settings.default_ttl,
+        )
+
+    def _lifetime(self, cc: CacheControl, headers: Headers, now: float) -> float:
+        """The freshness lifetime (RFC 9111 §4.2.1) of a response received at ``now``."""
+        settings = self.settings
+        return freshness_lifetime(
+            cc,
+            headers,
+            default_ttl=settings.default_ttl,
+            heuristic=settings.heuristic,
+            response_time=now,
+        )
+
     def _revalidated(
         self, ctx: FilterContext, pending: _Pending, entry: Entry, headers: Headers, now: float
     ) -> Response:
@@ -726,17 +740,8 @@ class CacheFilter:
     def _merge_304(self, entry: Entry, headers: Headers, request_time: float, now: float) -> None:
         update = [(n, v) for n, v in headers if n not in _NOT_STORED and n != b"cache-status"]
         merged = merge_304(entry.headers, update)
-        resp_cc = parse_cache_control(field_values(merged, b"cache-control"))
-        override = self._cc_override
-        cc = route_cache_control(resp_cc, override) if override is not None else resp_cc
-        settings = self.settings
-        lifetime = freshness_lifetime(
-            cc,
-            merged,
-            default_ttl=settings.default_ttl,
-            heuristic=settings.heuristic,
-            response_time=now,
-        )
+        cc = self._response_cc(merged)
+        lifetime = self._lifetime(cc, merged, now)
         store = self.cache.store
         if cc.no_store:
             store.purge(entry.key)  # the origin withdrew permission to store it
@@ -912,32 +917,16 @@ class CacheFilter:
             if got.status == 304:
                 self._merge_304(entry, got.headers, request_time, now)
                 return
-            resp_cc = parse_cache_control(field_values(got.headers, b"cache-control"))
-            override = self._cc_override
-            cc = route_cache_control(resp_cc, override) if override is not None else resp_cc
-            settings = self.settings
-            if not is_storable(
-                _GET,
-                got.status,
-                CacheControl(),
-                cc,
-                got.headers,
-                has_authorization=any(n == b"authorization" for n, _ in request_headers),
-                default_ttl=settings.default_ttl,
-            ):
+            cc = self._response_cc(got.headers)
+            has_authorization = any(n == b"authorization" for n, _ in request_headers)
+            if not self._storable(got.status, CacheControl(), cc, got.headers, has_authorization):
                 if got.status < 500:
                     cache.store.purge(entry.key)  # replaced by something not storable
                 return
-            kept = [(n, v) for n, v in storable_headers(got.headers, cc) if n not in _NOT_STORED]
-            if any(n == b"set-cookie" for n, _ in kept):
+            kept = _kept_headers(got.headers, cc)
+            if kept is None:
                 return
-            lifetime = freshness_lifetime(
-                cc,
-                kept,
-                default_ttl=settings.default_ttl,
-                heuristic=settings.heuristic,
-                response_time=now,
-            )
+            lifetime = self._lifetime(cc, kept, now)
             cache.store.put(
                 entry.primary,
                 request_headers,

@@ -17,9 +17,9 @@ the JWK has none, the only algorithm of the policy that fits its key type; a key
 several is skipped. Symmetric (``kty = "oct"``) and private keys in a JWKS are refused:
 a shared secret must never travel over the network to a verifier.
 
-:func:`http_get` is a deliberately small HTTP/1.1 client (asyncio streams + h11): one
-request per connection, an overall timeout, a body size cap, https through
-``ssl.create_default_context()``. It is used here and by the account check.
+:func:`http_get` is a deliberately small HTTP/1.1 client (:mod:`fastedge.bounded_get`:
+asyncio streams + h11): one request per connection, an overall timeout, a body size cap,
+https through ``ssl.create_default_context()``. It is used here and by the account check.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-import h11
 import jwt
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from fastedge.bounded_get import FetchError, HttpResponse, get_once
 
 __all__ = [
     "FetchError",
@@ -52,7 +53,7 @@ __all__ = [
 
 log = logging.getLogger("fastedge.auth")
 
-_USER_AGENT: Final = "fastedge-auth/1"
+_USER_AGENT: Final = b"fastedge-auth/1"
 # A JWKS of a few dozen RSA keys is ~20 KiB; 1 MiB leaves room and still bounds memory.
 DEFAULT_MAX_BODY: Final = 1024 * 1024
 # Key type (RFC 7518 §6.1) -> the JWS algorithm families it can verify (RFC 7518 §3.1).
@@ -63,19 +64,6 @@ _KTY_ALGORITHMS: Final[Mapping[str, frozenset[str]]] = {
 }
 # Private-key members of RSA, EC and OKP JWKs (RFC 7518 §6.2.2, §6.3.2; RFC 8037 §2).
 _PRIVATE_MEMBERS: Final = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth"})
-
-
-class FetchError(Exception):
-    """An HTTP GET failed: no connection, timeout, malformed or oversized response."""
-
-
-@dataclass(frozen=True, slots=True)
-class HttpResponse:
-    """The answer of :func:`http_get`."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
 
 
 async def http_get(
@@ -105,68 +93,24 @@ async def http_get(
     tls: ssl.SSLContext | None = None
     if scheme == "https":
         tls = ssl_context or ssl.create_default_context()
-    try:
-        async with asyncio.timeout(timeout):
-            return await _exchange(host, port, tls, authority, target, max_body)
-    except TimeoutError:
-        raise FetchError(f"GET {url}: no answer within {timeout:g}s") from None
-    except (OSError, ssl.SSLError) as exc:
-        raise FetchError(f"GET {url}: {exc}") from None
-    except h11.ProtocolError as exc:
-        raise FetchError(f"GET {url}: malformed response: {exc}") from None
-
-
-async def _exchange(
-    host: str,
-    port: int,
-    tls: ssl.SSLContext | None,
-    authority: str,
-    target: str,
-    max_body: int,
-) -> HttpResponse:
-    reader, writer = await asyncio.open_connection(
-        host, port, ssl=tls, server_hostname=host if tls is not None else None
+    fields = [
+        (b"host", authority.encode("ascii")),
+        (b"user-agent", _USER_AGENT),
+        (b"accept", b"application/json"),
+        (b"connection", b"close"),
+    ]
+    return await get_once(
+        host,
+        port,
+        target.encode("ascii"),
+        fields,
+        tls=tls,
+        server_hostname=host,
+        timeout=timeout,
+        max_head=16 * 1024,
+        max_body=max_body,
+        label=f"GET {url}",
     )
-    try:
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=16 * 1024)
-        request = h11.Request(
-            method="GET",
-            target=target,
-            headers=[
-                ("host", authority),
-                ("user-agent", _USER_AGENT),
-                ("accept", "application/json"),
-                # One request per connection: these calls are rare (refresh intervals,
-                # TTL-cached account checks), so a pool would cost more than it saves.
-                ("connection", "close"),
-            ],
-        )
-        writer.write(conn.send(request) + (conn.send(h11.EndOfMessage()) or b""))
-        await writer.drain()
-        status = 0
-        headers: list[tuple[bytes, bytes]] = []
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await reader.read(65536)
-                conn.receive_data(data)
-                continue
-            if isinstance(event, h11.Response):
-                status = event.status_code
-                headers = [(bytes(n), bytes(v)) for n, v in event.headers]
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > max_body:
-                    raise FetchError(f"response body larger than {max_body} bytes")
-            elif isinstance(event, h11.EndOfMessage):
-                return HttpResponse(status, headers, bytes(body))
-            elif isinstance(event, h11.ConnectionClosed):
-                raise FetchError("connection closed before the response ended")
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 from fastedge.config import (
     _INVALID,
+    _TOKEN_RE,
     _build,
     _choice,
     _Context,
@@ -45,8 +45,10 @@ from fastedge.config import (
     _integer,
     _join,
     _Key,
+    _named_tables,
     _read_table,
     _Schema,
+    _section_names,
     _show,
     _string,
     _type_name,
@@ -86,8 +88,6 @@ REDIS_LOG_INTERVAL: Final = 10.0
 #: 8 KiB header values cannot make each of ``max_keys`` entries 8 KiB.
 _MAX_KEY_BYTES: Final = 64
 
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_TOKEN_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _MAX_COUNT: Final = 1_000_000_000
 
 
@@ -210,25 +210,12 @@ def _policy(ctx: _Context, path: str, name: str, value: object) -> Any:
 def convert_rate_limits_section(ctx: _Context, path: str, value: object) -> Any:
     """Converter for ``[rate_limits.NAME]`` tables (``EXTENSION_SECTIONS``).
 
-    Returns ``{name: RateLimitPolicy}`` or ``_INVALID``; every problem is recorded in
-    ``ctx`` with its key path (``rate_limits.per_user.window: ...``).
+    Returns ``{name: RateLimitPolicy}`` (``_INVALID`` when not a table); every problem
+    is recorded in ``ctx`` with its key path (``rate_limits.per_user.window: ...``).
     """
-    if not isinstance(value, Mapping):
-        return ctx.error(path, f"expected a table, got {_type_name(value)}")
-    out: dict[str, RateLimitPolicy] = {}
-    ok = True
-    for name, raw in value.items():
-        sub = _join(path, name)
-        if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
-            ctx.error(sub, "a rate limit name is 1-64 letters, digits, '_' or '-'")
-            ok = False
-            continue
-        policy = _policy(ctx, sub, name, raw)
-        if policy is _INVALID:
-            ok = False
-        else:
-            out[name] = policy
-    return out if ok else _INVALID
+    return _named_tables(
+        ctx, path, value, _policy, bad_name="a rate limit name is 1-64 letters, digits, '_' or '-'"
+    )
 
 
 def convert_route_rate_limit(ctx: _Context, path: str, value: object) -> Any:
@@ -237,32 +224,7 @@ def convert_route_rate_limit(ctx: _Context, path: str, value: object) -> Any:
     A policy name or a non-empty array of distinct names, each a ``[rate_limits.NAME]``
     of this file; returns the names as a tuple, in order.
     """
-    if isinstance(value, str):
-        items: list[tuple[str, object]] = [(path, value)]
-    elif isinstance(value, list):
-        if not value:
-            return ctx.error(path, "must name at least one rate limit")
-        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
-    else:
-        return ctx.error(
-            path, f"expected a rate limit name or an array of names, got {_type_name(value)}"
-        )
-    known = sorted(ctx.defined("rate_limits"))
-    names: list[str] = []
-    ok = True
-    for item_path, item in items:
-        if not isinstance(item, str):
-            ctx.error(item_path, f"expected a rate limit name, got {_type_name(item)}")
-            ok = False
-        elif item not in known:
-            ctx.error(item_path, f"unknown rate limit {item!r}" + _did_you_mean(item, known))
-            ok = False
-        elif item in names:
-            ctx.error(item_path, f"rate limit {item!r} is listed twice")
-            ok = False
-        else:
-            names.append(item)
-    return tuple(names) if ok else _INVALID
+    return _section_names(ctx, path, value, "rate_limits", "rate limit")
 
 
 # --------------------------------------------------------------------------- keys

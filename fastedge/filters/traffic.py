@@ -21,7 +21,6 @@ runtime values. Semantics, persistence and the admin API: ``docs/traffic.md``.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
@@ -36,11 +35,16 @@ from fastedge.config import (
     _field,
     _join,
     _Key,
+    _named_tables,
+    _new_file,
+    _one_or_array,
     _read_table,
     _Schema,
+    _section_names,
     _show,
     _string,
     _type_name,
+    _upstream_name,
 )
 from fastedge.filters import Filter, FilterContext, Runtime
 from fastedge.traffic import (
@@ -70,23 +74,6 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------- config
-
-
-def _names_table(
-    ctx: _Context, path: str, value: object, what: str, convert: Callable[..., Any]
-) -> Any:
-    if not isinstance(value, Mapping):
-        return ctx.error(path, f"expected a table of {what}, got {_type_name(value)}")
-    out: dict[str, Any] = {}
-    for name, item in value.items():
-        item_path = _join(path, name)
-        if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
-            ctx.error(item_path, "invalid name (use 1-64 letters, digits, '_', '-')")
-            continue
-        converted = convert(ctx, item_path, name, item)
-        if converted is not _INVALID:
-            out[name] = converted
-    return out
 
 
 def _versions(ctx: _Context, path: str, value: object) -> Any:
@@ -182,7 +169,9 @@ def convert_traffic_section(ctx: _Context, path: str, value: object) -> Any:
     """Converter for ``[traffic.NAME]`` tables (``EXTENSION_SECTIONS["traffic"]``):
     ``{name: SplitConfig}``. Versions must name upstreams of this config; weights are
     integers from 0 to ``MAX_WEIGHT`` for listed versions, not all zero."""
-    return _names_table(ctx, path, value, "traffic splits ([traffic.NAME])", _split)
+    return _named_tables(
+        ctx, path, value, _split, expected="a table of traffic splits ([traffic.NAME])"
+    )
 
 
 def _user_source(value: object) -> str:
@@ -202,18 +191,15 @@ def _user_source(value: object) -> str:
 
 
 def _user(ctx: _Context, path: str, value: object) -> Any:
-    if isinstance(value, str):
-        items: list[tuple[str, object]] = [(path, value)]
-    elif isinstance(value, list):
-        if not value:
-            return ctx.error(path, "must name at least one user id source")
-        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
-    else:
-        return ctx.error(
-            path,
-            "expected a user id source like 'header:X-User-Id' or an array of them, "
-            f"got {_type_name(value)}",
-        )
+    items = _one_or_array(
+        ctx,
+        path,
+        value,
+        expected="a user id source like 'header:X-User-Id' or an array of them",
+        empty="must name at least one user id source",
+    )
+    if items is _INVALID:
+        return _INVALID
     sources: list[str] = []
     ok = True
     for item_path, item in items:
@@ -234,17 +220,6 @@ def _percent(value: object) -> int | float:
     return check_percent(value)
 
 
-def _flag_upstream(ctx: _Context, path: str, value: object) -> Any:
-    try:
-        name = _string(value)
-    except ValueError as exc:
-        return ctx.error(path, str(exc))
-    if name not in ctx.upstream_names:
-        hint = _did_you_mean(name, sorted(ctx.upstream_names))
-        return ctx.error(path, f"unknown upstream {_show(name)}{hint}")
-    return name
-
-
 def _header_name(value: object) -> str:
     text = _string(value)
     if _TOKEN_RE.fullmatch(text) is None:
@@ -257,7 +232,7 @@ def _header_name(value: object) -> str:
 _FLAG_SCHEMA: Final[_Schema] = {
     "percent": _Key(_field(_percent)),
     "user": _Key(_user, required=True),
-    "upstream": _Key(_flag_upstream),
+    "upstream": _Key(_upstream_name),
     "header": _Key(_field(_header_name)),
 }
 
@@ -280,21 +255,15 @@ def _flag(ctx: _Context, path: str, name: str, value: object) -> Any:
 def convert_flags_section(ctx: _Context, path: str, value: object) -> Any:
     """Converter for ``[flags.NAME]`` tables (``EXTENSION_SECTIONS["flags"]``):
     ``{name: FlagConfig}``."""
-    return _names_table(ctx, path, value, "feature flags ([flags.NAME])", _flag)
+    return _named_tables(
+        ctx, path, value, _flag, expected="a table of feature flags ([flags.NAME])"
+    )
 
 
 def _state_file(ctx: _Context, path: str, value: object) -> Any:
     if isinstance(value, bool):
         return value
-    try:
-        text = _string(value)
-    except ValueError as exc:
-        return ctx.error(path, f"{exc} (a file path, or false for in-memory only)")
-    resolved = os.path.join(ctx.base_dir, os.path.expanduser(text))
-    directory = os.path.dirname(resolved) or "."
-    if not os.path.isdir(directory):
-        return ctx.error(path, f"directory does not exist: {directory}")
-    return resolved
+    return _new_file(ctx, path, value, "a file path, or false for in-memory only")
 
 
 _STATE_SCHEMA: Final[_Schema] = {
@@ -333,32 +302,7 @@ def convert_route_traffic(ctx: _Context, path: str, value: object) -> Any:
 def convert_route_flags(ctx: _Context, path: str, value: object) -> Any:
     """Route key ``flags``: a ``[flags.NAME]`` name or an array of distinct names; returns
     them as a tuple, in order."""
-    if isinstance(value, str):
-        items: list[tuple[str, object]] = [(path, value)]
-    elif isinstance(value, list):
-        if not value:
-            return ctx.error(path, "must name at least one flag")
-        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
-    else:
-        return ctx.error(
-            path, f"expected a flag name or an array of names, got {_type_name(value)}"
-        )
-    known = sorted(ctx.defined("flags"))
-    names: list[str] = []
-    ok = True
-    for item_path, item in items:
-        if not isinstance(item, str):
-            ctx.error(item_path, f"expected a flag name, got {_type_name(item)}")
-            ok = False
-        elif item not in known:
-            ctx.error(item_path, f"unknown flag {_show(item)}" + _did_you_mean(item, known))
-            ok = False
-        elif item in names:
-            ctx.error(item_path, f"flag {_show(item)} is listed twice")
-            ok = False
-        else:
-            names.append(item)
-    return tuple(names) if ok else _INVALID
+    return _section_names(ctx, path, value, "flags", "flag")
 
 
 # --------------------------------------------------------------------------- user ids
