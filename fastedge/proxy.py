@@ -1492,18 +1492,17 @@ class Exchange:
     def _start_span(self, tracer: Tracer, headers: list[tuple[bytes, bytes]], host: bytes) -> None:
         head = self.head
         method = head.method.decode("latin-1")
-        path = head.target.partition(b"?")[0].decode("latin-1")
-        self.span = tracer.start_span(
-            method,
-            tracer.extract(head.headers),
-            attributes={
-                "http.request.method": method,
-                "url.path": path,
-                "server.address": host.decode("latin-1"),
-                "network.peer.address": self.conn.client_ip.decode(),
-                "fastedge.request_id": self.request_id.decode(),
-            },
-        )
+        self.span = span = tracer.start_span(method, tracer.extract(head.headers))
+        if span.recording:  # attributes only for sampled spans: most are not, at 1%
+            span.set_attributes(
+                {
+                    "http.request.method": method,
+                    "url.path": head.target.partition(b"?")[0].decode("latin-1"),
+                    "server.address": host.decode("latin-1"),
+                    "network.peer.address": self.conn.client_ip.decode(),
+                    "fastedge.request_id": self.request_id.decode(),
+                }
+            )
 
     def _end_span(self) -> None:
         span = self.span

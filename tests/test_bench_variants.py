@@ -153,3 +153,12 @@ def test_harness_runs_the_variants_and_the_memory_scenario(tmp_path: Path) -> No
     assert "| fastedge | 300 of 300 |" in done.stdout, output
     written = results.read_text()
     assert "Issue 9 ratios" in written and "| fastedge | 300 of 300 |" in written
+
+
+async def test_proxy_loop_drives_the_plain_path_and_the_full_chain() -> None:
+    """The instruction-count driver (bench/proxy_loop.py) relays through both configs:
+    a 401 or a stuck exchange would leave ``client.requests`` short and fail its assert."""
+    from bench.proxy_loop import drive
+
+    await drive(20)
+    await drive(20, chain=True)

@@ -987,16 +987,18 @@ class AuthFilter:
         token = rest.strip(b" ")
         if not token:
             return self._missing()  # "Bearer" alone: still no token presented
-        if _B64TOKEN_RE.fullmatch(token) is None:
-            return self._reject(_MALFORMED)
         now = state.clock()
         digest = hashlib.sha256(token).digest()
         cache = state.cache
         if cache is not None:
+            # Only verified tokens are cached, so a hit is well-formed: the syntax check
+            # below is for the (rarer, costlier) verification path.
             entry: Verified | None = cache.get(digest, now=now)
             if entry is not None:
                 why = state.check_times(entry, now)
                 return self._reject(why) if why is not None else self._accept(ctx, entry)
+        if _B64TOKEN_RE.fullmatch(token) is None:
+            return self._reject(_MALFORMED)
         result = state.verify(token.decode("ascii"), now)
         if inspect.isawaitable(result):
             return self._finish(ctx, result, digest, now)
