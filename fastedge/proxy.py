@@ -702,10 +702,11 @@ class Exchange:
             headers.append((b"transfer-encoding", b"chunked"))
         span = self.span
         if span is not None:
-            # OTel HTTP conventions: name spans by route template, never by raw path.
-            span.name = f"{head.method.decode('latin-1')} {route.name}"
-            span.set_attribute("http.route", route.name)
-            span.set_attribute("fastedge.upstream", upstream.name)
+            if span.recording:  # unsampled spans only carry the context onwards
+                # OTel HTTP conventions: name spans by route template, never by raw path.
+                span.name = f"{head.method.decode('latin-1')} {route.name}"
+                span.set_attribute("http.route", route.name)
+                span.set_attribute("fastedge.upstream", upstream.name)
             # This hop's context replaces the caller's (W3C Trace Context §3).
             headers = [(n, v) for n, v in headers if n not in _TRACE_FIELDS]
             headers += Tracer.inject(span)
@@ -1509,6 +1510,9 @@ class Exchange:
         if span is None:
             return
         self.span = None
+        if not span.recording:
+            span.end()  # exports nothing; ends it for anyone holding a reference
+            return
         span.set_attribute("http.response.status_code", self.status)
         if self.target is not None:
             span.set_attribute("fastedge.upstream.target", self.target.name)
