@@ -268,6 +268,15 @@ class RequestBatcher(Generic[T, R]):
         if waiting:
             await asyncio.wait(waiting)
 
+    def hurry(self) -> None:
+        """Stop waiting for ``max_wait`` from now on (a draining server): what is queued
+        is sent at once, later items on the next loop iteration. New items are still
+        accepted, unlike after :meth:`aclose`. Idempotent."""
+        self._max_wait = 0.0
+        self._forced = len(self._items)
+        self._cancel_timer()
+        self._pump()
+
     async def aclose(self) -> None:
         """Refuse new items, send what is queued, and wait for every batch in flight.
 

@@ -241,9 +241,14 @@ class ProxyServer:
         # 1. stop accepting
         if self._server is not None:
             self._server.close()
-        # 2. idle connections close now; busy ones after their current response
+        # 2. idle connections close now; busy ones after their current response; requests
+        #    held back by a filter (a batch window) go out now
         for conn in list(self.connections):
             conn.shutdown()
+        for gw in [self.gateway, *self._retired]:
+            for route in gw.router.routes:
+                if route.filters is not None:
+                    route.filters.begin_drain()
         # 3. drain in-flight requests
         deadline = self.loop.time() + drain_timeout
         while self.connections and self.loop.time() < deadline:

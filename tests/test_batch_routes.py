@@ -399,6 +399,28 @@ async def test_closing_the_filter_flushes_waiting_requests(
     assert late.status == 503 and "shutting down" in error_doc(late)["error"]
 
 
+async def test_shutdown_sends_waiting_requests_before_the_drain_ends(
+    batch_port: int, make_proxy: Any
+) -> None:
+    """A batch window longer than the drain timeout: shutdown sends what waits at once,
+    so those clients get their answers instead of being cut off when the drain ends."""
+    path = "/batch/ok/drain"
+    server = await make_proxy(
+        batch_doc(batch_port, "fast", {"path": path, "max_size": 10, "max_wait": "10s"})
+    )
+    f = batch_filter(server)
+    waiting = [asyncio.create_task(fetch(server.port, f"/api/d/{i}")) for i in range(3)]
+
+    async def queued() -> bool:
+        return f.batcher.queued == 3
+
+    await wait_for(queued, "three queued requests")
+    await server.shutdown(drain_timeout=1)  # the window (10 s) outlasts the drain (1 s)
+    done = await asyncio.gather(*waiting)
+    assert [r.status for r in done] == [200, 200, 200]
+    assert json.loads(done[0].body)["size"] == 3
+
+
 # --------------------------------------------------------------------------- demo
 
 

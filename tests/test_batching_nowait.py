@@ -401,3 +401,21 @@ async def test_cancelled_room_waiter_passes_a_handed_over_unit_on(
     assert await asyncio.wait_for(c, 5) == 6
     assert handler.batches == [[1], [3]] and batcher.outstanding == 0
     await batcher.aclose()
+
+
+# -- hurry (a draining server) ---------------------------------------------------------------
+
+
+async def test_hurry_sends_what_waits_now_and_stops_waiting_for_max_wait() -> None:
+    handler = Recorder()
+    batcher: RequestBatcher[int, int] = RequestBatcher(handler, max_batch=10, max_wait=3600)
+    first = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+    await asyncio.sleep(0)  # queued, waiting for an hour-long window
+    assert batcher.queued == 3 and not handler.batches
+    batcher.hurry()
+    assert await asyncio.gather(*first) == [0, 2, 4]  # the recorder doubles
+    late = await asyncio.wait_for(batcher.submit(7), 5)  # still accepted; no hour wait
+    assert late == 14
+    assert handler.batches == [[0, 1, 2], [7]]
+    batcher.hurry()  # idempotent
+    await batcher.aclose()

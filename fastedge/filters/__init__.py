@@ -347,6 +347,14 @@ class FilterChain:
                 except Exception:  # cleanup must not turn an answer into a 500
                     _log.exception("on_response_abort of %s failed", f.name)
 
+    def begin_drain(self) -> None:
+        """The server stopped accepting: filters holding requests back (a batch window)
+        let them go now, so they finish within the drain timeout."""
+        for f in self.filters:
+            drain = getattr(f, "begin_drain", None)
+            if drain is not None:
+                drain()
+
     async def aclose(self) -> None:
         """Release what filters hold (background JWKS fetches, ...)."""
         for f in self.filters:

@@ -341,6 +341,11 @@ class BatchFilter:
                 headers=[_RETRY_AFTER],
             )
 
+    def begin_drain(self) -> None:
+        """The server is shutting down: send waiting requests now, not after
+        ``max_wait`` (which may be longer than the drain timeout)."""
+        self.batcher.hurry()
+
     async def aclose(self) -> None:
         """Send what is queued, wait for the calls in flight, close idle connections."""
         await self.batcher.aclose()
