@@ -1012,14 +1012,19 @@ class Exchange:
         )
         if delay is None:
             return False
-        self._cancel_timer()
         self._end_up_span("retried")
         self._detach_upstream(reusable=False)
+        self.conn.gateway.metrics.inc("fastedge_upstream_retries_total")
+        self._attempt_again(delay)
+        return True
+
+    def _attempt_again(self, delay: float) -> None:
+        """The upstream connection is gone and nothing was answered: reset the request
+        side and run another resilient attempt after ``delay`` seconds."""
+        self._cancel_timer()
         self.request_sent = False
         self.cc = None
-        self.conn.gateway.metrics.inc("fastedge_upstream_retries_total")
         _spawn(self.conn.gateway.loop, self._retry_later(delay))
-        return True
 
     async def _retry_later(self, delay: float) -> None:
         if delay > 0:
@@ -1226,10 +1231,7 @@ class Exchange:
                 # either way, so no verdict): a killed target is in ``tried`` and is
                 # skipped when another is available; a fresh connect there is judged.
                 self._abandon()
-                self._cancel_timer()
-                self.request_sent = False
-                self.cc = None
-                _spawn(self.conn.gateway.loop, self._retry_later(0.0))
+                self._attempt_again(0.0)
                 return
             assert self.target is not None
             _spawn(self.conn.gateway.loop, self._connect([self.target], reserved=False))
