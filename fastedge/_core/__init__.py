@@ -2,7 +2,8 @@
 
 Each component exists twice with one API (the aio-libs/multidict way):
 ``router.pyx`` (compiled) and ``router_py.py`` (pure Python, the readable specification),
-likewise ``lru``, ``ratelimit`` and ``hashring``. ``FASTEDGE_NO_EXTENSIONS=1`` forces the
+likewise ``lru``, ``ratelimit``, ``hashring`` and ``express`` (the data path's express
+lane scanners). ``FASTEDGE_NO_EXTENSIONS=1`` forces the
 Python twins; ``USING_EXTENSIONS`` says whether every compiled module was loaded.
 """
 
@@ -14,6 +15,10 @@ from typing import TYPE_CHECKING
 NO_EXTENSIONS: bool = os.environ.get("FASTEDGE_NO_EXTENSIONS", "") not in ("", "0")
 
 if TYPE_CHECKING:  # the .pyi stubs of the compiled modules are the typed contract
+    from .express import ExpressRequest as ExpressRequest
+    from .express import new_request_id as new_request_id
+    from .express import scan_request as scan_request
+    from .express import scan_response as scan_response
     from .hashring import HashRing as HashRing
     from .lru import LRUCache as LRUCache
     from .ratelimit import SlidingWindow as SlidingWindow
@@ -25,6 +30,7 @@ else:
     USING_EXTENSIONS = False
     if not NO_EXTENSIONS:
         try:
+            from .express import ExpressRequest, new_request_id, scan_request, scan_response
             from .hashring import HashRing
             from .lru import LRUCache
             from .ratelimit import SlidingWindow, TokenBucket
@@ -34,6 +40,7 @@ else:
         except ImportError:  # not compiled (e.g. a source checkout without build_ext)
             USING_EXTENSIONS = False
     if not USING_EXTENSIONS:
+        from .express_py import ExpressRequest, new_request_id, scan_request, scan_response
         from .hashring_py import HashRing
         from .lru_py import LRUCache
         from .ratelimit_py import SlidingWindow, TokenBucket
@@ -42,9 +49,13 @@ else:
 __all__ = [
     "NO_EXTENSIONS",
     "USING_EXTENSIONS",
+    "ExpressRequest",
     "HashRing",
     "LRUCache",
     "PrefixRouter",
     "SlidingWindow",
     "TokenBucket",
+    "new_request_id",
+    "scan_request",
+    "scan_response",
 ]

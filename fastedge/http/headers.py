@@ -13,10 +13,10 @@ header list once and build the output list directly.
 
 from __future__ import annotations
 
-import itertools
-import os
-
+from fastedge._core import new_request_id
 from fastedge.http.engine import Headers
+
+__all__ = ["HOP_BY_HOP", "new_request_id", "rewrite_request_headers", "rewrite_response_headers"]
 
 HOP_BY_HOP: frozenset[bytes] = frozenset(
     {
@@ -36,19 +36,6 @@ the route policy: fastedge does not consume them, so they pass like any other fi
 
 _REQUEST_ID_MAX = 200
 """A client-supplied ``X-Request-Id`` longer than this is replaced (it ends up in logs)."""
-
-_ID_PREFIX = os.urandom(6).hex().encode()
-_id_counter = itertools.count(1)
-
-
-def new_request_id() -> bytes:
-    """A process-unique request id: a random per-process prefix and a counter.
-
-    Cheaper than ``uuid4`` (one format, no syscall per request) and unique across
-    processes and restarts with overwhelming probability (48 random bits per process).
-    """
-    return b"%s%010x" % (_ID_PREFIX, next(_id_counter))
-
 
 # Connection values that nominate only fields removed anyway (HOP_BY_HOP): the common
 # case, which then costs no extra pass over the fields.

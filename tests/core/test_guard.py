@@ -50,3 +50,17 @@ def test_data_path_is_compiled_in_a_normal_build() -> None:
     for name in ("fastedge.proxy", "fastedge.http.fast_engine", "fastedge.http.headers"):
         module = importlib.import_module(name)
         assert str(module.__file__).endswith(".so"), f"{name} is not compiled"
+
+
+def test_express_lane_scanners_follow_the_build() -> None:
+    # The data path's express scanners are not public API (fastedge.core), but the same
+    # rule holds: compiled in a normal build, the Python twin when asked for.
+    import fastedge._core as core
+
+    expected = (
+        "fastedge._core.express_py"
+        if os.environ.get("FASTEDGE_NO_EXTENSIONS", "") not in ("", "0")
+        else "fastedge._core.express"
+    )
+    for fn in (core.scan_request, core.scan_response, core.new_request_id):
+        assert getattr(fn, "__module__", None) == expected, fn

@@ -1,0 +1,8 @@
+# C declarations of fastedge/_core/express.pyx, cimported by the compiled proxy
+# (fastedge/proxy.pxd) so that it reads an ExpressRequest's fields without attribute
+# lookups.
+
+cdef class ExpressRequest:
+    cdef readonly bytes method, target, path, query, host, request_id, data
+    cdef readonly bint keep_alive
+    cdef bytes _block  # the rewritten fields, each ending in CRLF

@@ -1,0 +1,74 @@
+"""Typed contract of the compiled express-lane scanners (``express.pyx``); ``express_py.py``
+is the readable specification (full acceptance rules in its docstring) and behaves
+identically.
+
+The scanners accept only the commonest exchange, whole in one read: a simple GET/HEAD
+request head and a simple response with a ``Content-Length`` body (or none). Anything
+else returns ``None`` and the proxy takes its general path. What they accept becomes
+exactly the bytes the general path (``FastServerCodec``/``FastClientCodec`` and
+``fastedge.http.headers``) would send.
+"""
+
+__all__ = ["ExpressRequest", "new_request_id", "scan_request", "scan_response"]
+
+def new_request_id() -> bytes:
+    """A process-unique request id: 12 hex digits of per-process randomness
+    (``os.urandom(6)`` at import), then a counter from 1 as at least 10 lower-case hex
+    digits (``b"%s%010x" % (prefix, n)``)."""
+
+class ExpressRequest:
+    """One simple request head, scanned and rewritten for the upstream; created by
+    :func:`scan_request` only, every attribute read-only."""
+
+    @property
+    def method(self) -> bytes:
+        """``b"GET"`` or ``b"HEAD"``."""
+    @property
+    def target(self) -> bytes:
+        """The request-target as sent (origin-form)."""
+    @property
+    def path(self) -> bytes:
+        """``target`` before the first ``?``."""
+    @property
+    def query(self) -> bytes:
+        """``target`` from the first ``?`` (included) to its end, or ``b""``."""
+    @property
+    def host(self) -> bytes:
+        """The ``Host`` value (trimmed, non-empty)."""
+    @property
+    def request_id(self) -> bytes:
+        """The client's first valid ``X-Request-Id`` (1-200 visible ASCII bytes), else a
+        fresh :func:`new_request_id`."""
+    @property
+    def keep_alive(self) -> bool:
+        """``False`` when a ``Connection`` field said ``close``."""
+    @property
+    def data(self) -> bytes:
+        """The bytes scanned: the whole request."""
+    def compose(self, target: bytes) -> bytes:
+        """The upstream request head for ``target``: ``METHOD target HTTP/1.1``, the
+        rewritten fields (hop-by-hop ones dropped; ``x-forwarded-for``,
+        ``x-forwarded-proto``, ``x-forwarded-host``, ``via``, ``x-request-id`` appended)
+        and the blank line."""
+
+def scan_request(
+    data: bytes,
+    client_ip: bytes,
+    proto: bytes,
+    via: bytes,
+    max_head: int,
+    max_uri: int,
+    max_headers: int,
+) -> ExpressRequest | None:
+    """An :class:`ExpressRequest` when ``data`` is exactly one simple GET/HEAD head within
+    the limits (head bytes, target bytes, field count, the latter capped at 100), else
+    ``None``. ``client_ip``/``proto`` feed ``X-Forwarded-For``/``-Proto``; ``via`` is this
+    hop's ``Via`` entry."""
+
+def scan_response(
+    data: bytes, head_request: bool, via: bytes, request_id: bytes, close: bool
+) -> tuple[int, bool, int, bytes] | None:
+    """``(status, reusable, body_length, bytes for the client)`` when ``data`` is exactly
+    one simple response (status 200-599, ``Content-Length`` body or none for HEAD/204/304),
+    else ``None``. ``request_id`` is sent when the upstream gave none; ``close`` adds
+    ``connection: close``; ``reusable`` is false when the upstream said ``close``."""

@@ -1,0 +1,565 @@
+# cython: language_level=3
+"""The express lane's scanners, in C: one simple request head, one simple response.
+
+The proxy's general path parses with llhttp through Python callbacks, builds a header
+list, rewrites it and serialises it again: about 40% of its instructions per request. For
+the commonest exchange (a GET or HEAD head that arrives whole, answered by a response with
+a ``Content-Length`` body that arrives whole) these two functions do the same work on the
+raw bytes: validate, rewrite the fields and write the bytes to send, with a handful of
+allocations.
+
+They are deliberately *conservative*: anything unusual (a body, an upgrade, an odd
+``Connection``, a byte outside the plain sets, a message split across reads) returns
+``None`` and the proxy takes its general path, which gives the exact answer. What they do
+accept they must turn into exactly the bytes the general path would send; the pure-Python
+twin ``express_py.py`` is the readable specification and ``tests/core/test_express.py``
+holds both to the general path, byte for byte.
+"""
+
+import os
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.string cimport memcmp, memcpy
+
+# --------------------------------------------------------------------------------------
+# Character classes (RFC 9110 §5.6.2 tchar; field-value VCHAR; a conservative subset of
+# RFC 3986 for the request-target: anything else goes to llhttp, which decides).
+# --------------------------------------------------------------------------------------
+cdef unsigned char _TCHAR[256]
+cdef unsigned char _VCHAR[256]
+cdef unsigned char _VALUE[256]  # 1: VCHAR, 2: SP or HTAB, 0: ends the value
+cdef unsigned char _LOWER[256]
+cdef unsigned char _TARGET[256]
+
+
+cdef void _init_tables():
+    cdef int c
+    for c in range(256):
+        _TCHAR[c] = 0
+        _VCHAR[c] = 1 if 0x21 <= c <= 0x7E else 0
+        _TARGET[c] = 0
+        _VALUE[c] = 1 if 0x21 <= c <= 0x7E else (2 if c == 32 or c == 9 else 0)
+        _LOWER[c] = c + 32 if 65 <= c <= 90 else c
+    for c in b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz":
+        _TCHAR[c] = 1
+    for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/?%":
+        _TARGET[c] = 1
+
+
+_init_tables()
+
+cdef enum:
+    MAX_FIELDS = 100
+    MAX_RESPONSE_HEAD = 65536
+    MAX_REQUEST_ID = 200
+
+# Field kinds.
+cdef enum:
+    K_OTHER = 0  # kept as is
+    K_DROP = 1  # hop-by-hop or replaced by this hop: not forwarded
+    K_HOST = 2
+    K_XFF = 3
+    K_VIA = 4
+    K_XRID = 5
+    K_CONN = 6
+    K_REFUSE = 7  # the general path must handle this message
+    K_CL = 8
+    K_CLOSE_NAME = 9  # a field named "close": nominated away by "Connection: close"
+    K_PROXY_CONN = 10  # llhttp reads it as Connection: only "keep-alive" is plain
+
+cdef struct Field:
+    Py_ssize_t name
+    Py_ssize_t name_len
+    Py_ssize_t value
+    Py_ssize_t value_len
+    int kind
+
+
+cdef inline unsigned char _lower(unsigned char c) noexcept nogil:
+    return c + 32 if 65 <= c <= 90 else c
+
+
+cdef inline bint _is(const unsigned char* p, Py_ssize_t n, const char* lit, Py_ssize_t m) noexcept nogil:
+    """Whether p[:n], lower-cased, equals the lower-case literal ``lit``."""
+    cdef Py_ssize_t i
+    if n != m:
+        return False
+    for i in range(n):
+        if _lower(p[i]) != <unsigned char>lit[i]:
+            return False
+    return True
+
+
+cdef int _request_kind(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    if n == 4 and _is(p, n, b"host", 4):
+        return K_HOST
+    if n == 10:
+        if _is(p, n, b"connection", 10):
+            return K_CONN
+        if _is(p, n, b"keep-alive", 10):
+            return K_DROP
+    if n == 15 and _is(p, n, b"x-forwarded-for", 15):
+        return K_XFF
+    if n == 3 and _is(p, n, b"via", 3):
+        return K_VIA
+    if n == 12 and _is(p, n, b"x-request-id", 12):
+        return K_XRID
+    if n == 5 and _is(p, n, b"close", 5):
+        return K_CLOSE_NAME
+    if (
+        _is(p, n, b"content-length", 14)
+        or _is(p, n, b"transfer-encoding", 17)
+        or _is(p, n, b"upgrade", 7)
+        or _is(p, n, b"expect", 6)
+    ):
+        return K_REFUSE
+    if _is(p, n, b"proxy-connection", 16):
+        return K_PROXY_CONN
+    if (
+        _is(p, n, b"te", 2)
+        or _is(p, n, b"trailer", 7)
+        or _is(p, n, b"x-forwarded-proto", 17)
+        or _is(p, n, b"x-forwarded-host", 16)
+    ):
+        return K_DROP
+    return K_OTHER
+
+
+cdef int _response_kind(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    if n == 14 and _is(p, n, b"content-length", 14):
+        return K_CL
+    if n == 10:
+        if _is(p, n, b"connection", 10):
+            return K_CONN
+        if _is(p, n, b"keep-alive", 10):
+            return K_DROP
+    if n == 3 and _is(p, n, b"via", 3):
+        return K_VIA
+    if n == 12 and _is(p, n, b"x-request-id", 12):
+        return K_XRID
+    if n == 5 and _is(p, n, b"close", 5):
+        return K_CLOSE_NAME
+    if _is(p, n, b"transfer-encoding", 17) or _is(p, n, b"upgrade", 7):
+        return K_REFUSE
+    if _is(p, n, b"proxy-connection", 16):
+        return K_PROXY_CONN
+    if _is(p, n, b"te", 2) or _is(p, n, b"trailer", 7) or _is(p, n, b"expect", 6):
+        return K_DROP
+    return K_OTHER
+
+
+cdef Py_ssize_t _fields(
+    const unsigned char* p, Py_ssize_t pos, Py_ssize_t end, Field* out, int limit, int* count
+) noexcept nogil:
+    """Parse field lines from ``pos`` up to and including the blank line; returns the
+    position after it (the head's end), or -1 for anything outside the plain syntax."""
+    cdef Py_ssize_t start, vstart, vend
+    cdef unsigned char c
+    cdef int n = 0
+    while True:
+        if pos + 2 > end:
+            return -1
+        if p[pos] == 13:
+            if p[pos + 1] != 10:
+                return -1
+            count[0] = n
+            return pos + 2
+        start = pos
+        # Every bytes object ends in a NUL (p[end] == 0), which no table admits: the
+        # scans below stop at the end without a bounds check per byte.
+        while _TCHAR[p[pos]]:
+            pos += 1
+        if pos == start or pos >= end or p[pos] != 58:  # ':' right after the name
+            return -1
+        if n == limit:
+            return -1
+        out[n].name = start
+        out[n].name_len = pos - start
+        pos += 1
+        while p[pos] == 32 or p[pos] == 9:
+            pos += 1
+        vstart = vend = pos
+        while True:
+            c = _VALUE[p[pos]]
+            if c == 0:
+                break
+            pos += 1
+            if c == 1:
+                vend = pos
+        if pos + 2 > end or p[pos] != 13 or p[pos + 1] != 10:
+            return -1
+        pos += 2
+        out[n].value = vstart
+        out[n].value_len = vend - vstart
+        n += 1
+
+
+cdef inline bint _connection_value(const unsigned char* p, Field* f, bint* close) noexcept nogil:
+    """``keep-alive`` or ``close`` (any case); False for any other value."""
+    if _is(p + f.value, f.value_len, b"keep-alive", 10):
+        return True
+    if _is(p + f.value, f.value_len, b"close", 5):
+        close[0] = True
+        return True
+    return False
+
+
+cdef inline char* _put(char* w, const void* src, Py_ssize_t n) noexcept nogil:
+    memcpy(w, src, n)
+    return w + n
+
+
+cdef inline char* _put_lower(char* w, const unsigned char* src, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        w[i] = <char>_LOWER[src[i]]
+    return w + n
+
+
+cdef inline char* _put_field(char* w, const unsigned char* p, Field* f) noexcept nogil:
+    w = _put_lower(w, p + f.name, f.name_len)
+    w[0] = 58
+    w[1] = 32
+    w = _put(w + 2, p + f.value, f.value_len)
+    w[0] = 13
+    w[1] = 10
+    return w + 2
+
+
+# --------------------------------------------------------------------------------------
+# Request ids (shared with fastedge.http.headers.new_request_id: one counter per process)
+# --------------------------------------------------------------------------------------
+cdef bytes _ID_PREFIX = os.urandom(6).hex().encode()
+cdef unsigned long long _id_counter = 0
+cdef const char* _HEX = b"0123456789abcdef"
+
+
+cdef bytes _new_id():
+    global _id_counter
+    cdef char digits[32]
+    cdef int n = 0, i
+    cdef unsigned long long v
+    _id_counter += 1
+    v = _id_counter
+    while v or n < 10:
+        digits[n] = _HEX[v & 15]
+        v >>= 4
+        n += 1
+    cdef Py_ssize_t plen = PyBytes_GET_SIZE(_ID_PREFIX)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, plen + n)
+    cdef char* w = PyBytes_AS_STRING(out)
+    memcpy(w, PyBytes_AS_STRING(_ID_PREFIX), plen)
+    for i in range(n):
+        w[plen + i] = digits[n - 1 - i]
+    return out
+
+
+def new_request_id():
+    """A process-unique request id: a random per-process prefix and a counter.
+
+    Cheaper than ``uuid4`` (no syscall per request) and unique across processes and
+    restarts with overwhelming probability (48 random bits per process).
+    """
+    return _new_id()
+
+
+# --------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------
+cdef bytes _GET = b"GET"
+cdef bytes _HEAD = b"HEAD"
+cdef bytes _EMPTY = b""
+
+
+cdef class ExpressRequest:
+    """One simple request head, scanned and rewritten for the upstream (fields declared
+    in express.pxd, so that the compiled proxy reads them as C fields)."""
+
+    def __init__(self):
+        raise TypeError("ExpressRequest objects come from scan_request()")
+
+    def compose(self, bytes target not None):
+        """The upstream request: ``METHOD target HTTP/1.1``, the fields, the blank line."""
+        cdef Py_ssize_t mlen = PyBytes_GET_SIZE(self.method)
+        cdef Py_ssize_t tlen = PyBytes_GET_SIZE(target)
+        cdef Py_ssize_t blen = PyBytes_GET_SIZE(self._block)
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, mlen + tlen + blen + 14)
+        cdef char* w = PyBytes_AS_STRING(out)
+        w = _put(w, PyBytes_AS_STRING(self.method), mlen)
+        w[0] = 32
+        w = _put(w + 1, PyBytes_AS_STRING(target), tlen)
+        w = _put(w, b" HTTP/1.1\r\n", 11)
+        w = _put(w, PyBytes_AS_STRING(self._block), blen)
+        w[0] = 13
+        w[1] = 10
+        return out
+
+
+def scan_request(
+    bytes data not None,
+    bytes client_ip not None,
+    bytes proto not None,
+    bytes via not None,
+    Py_ssize_t max_head,
+    Py_ssize_t max_uri,
+    int max_headers,
+):
+    """An :class:`ExpressRequest` when ``data`` is exactly one simple GET/HEAD head, else
+    ``None`` (see the module docstring and ``express_py.scan_request``)."""
+    cdef Field fields[MAX_FIELDS]
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t pos, tstart, tend, qpos = -1, head_end, size, i
+    cdef int count = 0, kind, limit
+    cdef int host_i = -1, xff_i = -1, via_i = -1, rid_i = -1
+    cdef bint close = False, close_named = False, valid
+    cdef bytes method
+    cdef Field* f
+    if end > max_head or end < 18:
+        return None
+    if memcmp(p, b"GET ", 4) == 0:
+        method = _GET
+        pos = 4
+    elif memcmp(p, b"HEAD ", 5) == 0:
+        method = _HEAD
+        pos = 5
+    else:
+        return None
+    tstart = pos
+    if p[pos] != 47:  # origin-form only: '/'
+        return None
+    while _TARGET[p[pos]]:  # stops at the NUL after the bytes, at the latest
+        if p[pos] == 63 and qpos < 0:  # '?'
+            qpos = pos
+        pos += 1
+    tend = pos
+    if tend - tstart > max_uri or pos + 11 > end or memcmp(p + pos, b" HTTP/1.1\r\n", 11) != 0:
+        return None
+    limit = max_headers if max_headers < MAX_FIELDS else MAX_FIELDS
+    if limit < 0:
+        limit = 0
+    head_end = _fields(p, pos + 11, end, fields, limit, &count)
+    if head_end != end:  # malformed, or bytes after the head (a body, a pipelined request)
+        return None
+    size = 0
+    for i in range(count):
+        f = &fields[i]
+        kind = f.kind = _request_kind(p + f.name, f.name_len)
+        if kind == K_OTHER:
+            size += f.name_len + f.value_len + 4
+        elif kind == K_HOST:
+            if host_i >= 0 or f.value_len == 0:
+                return None
+            host_i = i
+            size += f.name_len + f.value_len + 4
+        elif kind == K_CLOSE_NAME:
+            close_named = True
+            f.kind = K_OTHER
+            size += f.name_len + f.value_len + 4
+        elif kind == K_CONN:
+            if not _connection_value(p, f, &close):
+                return None
+        elif kind == K_PROXY_CONN:
+            if not _is(p + f.value, f.value_len, b"keep-alive", 10):
+                return None
+        elif kind == K_XFF:
+            if xff_i >= 0:
+                return None
+            xff_i = i
+        elif kind == K_VIA:
+            if via_i >= 0:
+                return None
+            via_i = i
+        elif kind == K_XRID:
+            if rid_i < 0 and 0 < f.value_len <= MAX_REQUEST_ID:
+                valid = True
+                for pos in range(f.value, f.value + f.value_len):
+                    if not _VCHAR[p[pos]]:
+                        valid = False
+                        break
+                if valid:
+                    rid_i = i
+        elif kind == K_REFUSE:
+            return None
+    if host_i < 0 or (close and close_named):
+        # No Host (the general path answers 400), or "Connection: close" nominating a
+        # field that is also present: the general path drops it; leave that to it.
+        return None
+    cdef ExpressRequest req = ExpressRequest.__new__(ExpressRequest)
+    req.method = method
+    req.data = data
+    req.keep_alive = not close
+    req.target = PyBytes_FromStringAndSize(<const char*>p + tstart, tend - tstart)
+    if qpos < 0:
+        req.path = req.target
+        req.query = _EMPTY
+    else:
+        req.path = PyBytes_FromStringAndSize(<const char*>p + tstart, qpos - tstart)
+        req.query = PyBytes_FromStringAndSize(<const char*>p + qpos, tend - qpos)
+    f = &fields[host_i]
+    req.host = PyBytes_FromStringAndSize(<const char*>p + f.value, f.value_len)
+    if rid_i >= 0:
+        f = &fields[rid_i]
+        req.request_id = PyBytes_FromStringAndSize(<const char*>p + f.value, f.value_len)
+    else:
+        req.request_id = _new_id()
+    cdef Py_ssize_t iplen = PyBytes_GET_SIZE(client_ip)
+    cdef Py_ssize_t plen = PyBytes_GET_SIZE(proto)
+    cdef Py_ssize_t vialen = PyBytes_GET_SIZE(via)
+    cdef Py_ssize_t ridlen = PyBytes_GET_SIZE(req.request_id)
+    size += 17 + iplen + 2  # x-forwarded-for
+    if xff_i >= 0:
+        size += fields[xff_i].value_len + 2
+    size += 19 + plen + 2  # x-forwarded-proto
+    size += 18 + fields[host_i].value_len + 2  # x-forwarded-host
+    size += 5 + vialen + 2  # via
+    if via_i >= 0:
+        size += fields[via_i].value_len + 2
+    size += 14 + ridlen + 2  # x-request-id
+    cdef bytes block = PyBytes_FromStringAndSize(NULL, size)
+    cdef char* w = PyBytes_AS_STRING(block)
+    for i in range(count):
+        f = &fields[i]
+        if f.kind == K_OTHER or f.kind == K_HOST:
+            w = _put_field(w, p, f)
+    w = _put(w, b"x-forwarded-for: ", 17)
+    if xff_i >= 0:
+        w = _put(w, p + fields[xff_i].value, fields[xff_i].value_len)
+        w = _put(w, b", ", 2)
+    w = _put(w, PyBytes_AS_STRING(client_ip), iplen)
+    w = _put(w, b"\r\nx-forwarded-proto: ", 21)
+    w = _put(w, PyBytes_AS_STRING(proto), plen)
+    w = _put(w, b"\r\nx-forwarded-host: ", 20)
+    w = _put(w, p + fields[host_i].value, fields[host_i].value_len)
+    w = _put(w, b"\r\nvia: ", 7)
+    if via_i >= 0:
+        w = _put(w, p + fields[via_i].value, fields[via_i].value_len)
+        w = _put(w, b", ", 2)
+    w = _put(w, PyBytes_AS_STRING(via), vialen)
+    w = _put(w, b"\r\nx-request-id: ", 16)
+    w = _put(w, PyBytes_AS_STRING(req.request_id), ridlen)
+    w[0] = 13
+    w[1] = 10
+    req._block = block
+    return req
+
+
+# --------------------------------------------------------------------------------------
+# Responses
+# --------------------------------------------------------------------------------------
+def scan_response(
+    bytes data not None, bint head_request, bytes via not None, bytes request_id not None, bint close
+):
+    """``(status, reusable, body_length, bytes for the client)`` when ``data`` is exactly
+    one simple response (see ``express_py.scan_response``), else ``None``."""
+    cdef Field fields[MAX_FIELDS]
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t pos, line_end, head_end, size, i, body = 0
+    cdef int count = 0, kind, status
+    cdef int via_i = -1, rid_i = -1, cl_i = -1
+    cdef bint upstream_close = False, close_named = False
+    cdef unsigned char c
+    cdef Field* f
+    if end < 18 or memcmp(p, b"HTTP/1.1 ", 9) != 0:
+        return None
+    for pos in range(9, 12):
+        if not (48 <= p[pos] <= 57):
+            return None
+    status = (p[9] - 48) * 100 + (p[10] - 48) * 10 + (p[11] - 48)
+    if status < 200 or status > 599 or p[12] != 32:
+        return None
+    pos = 13
+    while pos < end:
+        c = p[pos]
+        if not (_VCHAR[c] or c == 32 or c == 9):
+            break
+        pos += 1
+    if pos == 13 or p[pos - 1] == 32 or p[pos - 1] == 9:
+        return None  # no reason phrase, or trailing whitespace: the general path decides
+    if pos + 2 > end or p[pos] != 13 or p[pos + 1] != 10:
+        return None
+    line_end = pos + 2
+    head_end = _fields(p, line_end, end, fields, MAX_FIELDS, &count)
+    if head_end < 0 or head_end > MAX_RESPONSE_HEAD:
+        return None
+    size = line_end
+    for i in range(count):
+        f = &fields[i]
+        kind = f.kind = _response_kind(p + f.name, f.name_len)
+        if kind == K_OTHER:
+            size += f.name_len + f.value_len + 4
+        elif kind == K_CLOSE_NAME:
+            close_named = True
+            f.kind = K_OTHER
+            size += f.name_len + f.value_len + 4
+        elif kind == K_CL:
+            if cl_i >= 0 or f.value_len == 0 or f.value_len > 18:
+                return None
+            for pos in range(f.value, f.value + f.value_len):
+                if not (48 <= p[pos] <= 57):
+                    return None
+            cl_i = i
+            size += f.name_len + f.value_len + 4
+        elif kind == K_XRID:
+            if rid_i < 0:
+                rid_i = i
+                size += f.name_len + f.value_len + 4
+            else:
+                f.kind = K_DROP
+        elif kind == K_CONN:
+            if not _connection_value(p, f, &upstream_close):
+                return None
+        elif kind == K_PROXY_CONN:
+            if not _is(p + f.value, f.value_len, b"keep-alive", 10):
+                return None
+        elif kind == K_VIA:
+            if via_i >= 0:
+                return None
+            via_i = i
+        elif kind == K_REFUSE:
+            return None
+    if upstream_close and close_named:
+        return None
+    if not (head_request or status == 204 or status == 304):
+        if cl_i < 0:
+            return None
+        f = &fields[cl_i]
+        for pos in range(f.value, f.value + f.value_len):
+            body = body * 10 + (p[pos] - 48)
+    if end - head_end != body:
+        return None
+    cdef Py_ssize_t vialen = PyBytes_GET_SIZE(via)
+    cdef Py_ssize_t ridlen = PyBytes_GET_SIZE(request_id)
+    size += 5 + vialen + 2
+    if via_i >= 0:
+        size += fields[via_i].value_len + 2
+    if rid_i < 0:
+        size += 14 + ridlen + 2
+    if close:
+        size += 19
+    size += 2 + body
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
+    cdef char* w = PyBytes_AS_STRING(out)
+    w = _put(w, p, line_end)
+    for i in range(count):
+        f = &fields[i]
+        kind = f.kind
+        if kind == K_OTHER or kind == K_CL or kind == K_XRID:
+            w = _put_field(w, p, f)
+    w = _put(w, b"via: ", 5)
+    if via_i >= 0:
+        w = _put(w, p + fields[via_i].value, fields[via_i].value_len)
+        w = _put(w, b", ", 2)
+    w = _put(w, PyBytes_AS_STRING(via), vialen)
+    w = _put(w, b"\r\n", 2)
+    if rid_i < 0:
+        w = _put(w, b"x-request-id: ", 14)
+        w = _put(w, PyBytes_AS_STRING(request_id), ridlen)
+        w = _put(w, b"\r\n", 2)
+    if close:
+        w = _put(w, b"connection: close\r\n", 19)
+    w = _put(w, b"\r\n", 2)
+    if body:
+        _put(w, p + head_end, body)
+    return (status, not upstream_close, body, out)
