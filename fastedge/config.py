@@ -108,6 +108,9 @@ class ServerConfig:
     http: HttpEngine = "auto"
     workers: int = 1
     # Processes sharing the listener (fastedge.workers); "auto" = one per usable CPU.
+    express: bool = True
+    # The express lane (fastedge._core.express): simple GET/HEAD exchanges on plain routes
+    # are scanned and rewritten in C. Off only to compare against the general path.
     tls: TLSConfig | None = None
     header_timeout: float = 10.0
     # Time to receive the whole request head (slowloris). nginx client_header_timeout is
@@ -910,6 +913,7 @@ _SERVER_SCHEMA: Final[_Schema] = {
     "listen": _Key(_field(_listen)),
     "http": _Key(_field(_choice("auto", "h11", "fast"))),
     "workers": _Key(_field(_workers)),
+    "express": _Key(_field(_boolean)),
     "tls": _Key(_tls),
     "header_timeout": _Key(_field(_duration_at_least(0, inclusive=False))),
     # 0 turns keep-alive off (nginx keepalive_timeout 0); 0 drain = close at once.

@@ -131,6 +131,7 @@ class Upstream:
         "budget",
         "checker",
         "config",
+        "express",
         "fallback",
         "fallback_response",
         "hash_key",
@@ -314,6 +315,9 @@ class Upstream:
         self.balancer = balancer
         self.checker = checker
         self.resilient = resilient
+        # Plain enough for the express lane: one synchronous pick, no per-request
+        # bookkeeping, the client's Host forwarded (fastedge.proxy, _express).
+        self.express = not (resilient or self.load_aware or self.keyed) and self.host_header is None
 
     def _probe_host(self, target: Target) -> str:
         hc = self.config.health_check
@@ -650,6 +654,10 @@ class Gateway:
     max_connections: int
     max_connections_per_ip: int
     tracer: Tracer | None = None
+    express: bool = False
+    """Simple exchanges on plain routes take the express lane (see fastedge.proxy)."""
+    express_horizon: float = 60.0
+    """The shortest upstream response timeout: how soon an express request may time out."""
 
     @property
     def access_log_enabled(self) -> bool:
@@ -744,6 +752,11 @@ def build_gateway(
         max_connections_per_ip=srv.max_connections_per_ip,
         tracer=tracer,
     )
+    # The express lane skips the engine's codecs and the per-request span, so it needs
+    # the fast engine and no tracer; routes with filters and non-plain upstreams are
+    # checked per request (fastedge.proxy.ClientConnection._express).
+    gateway.express = srv.express and gateway.engine.name == "fast" and tracer is None
+    gateway.express_horizon = min((up.response_timeout for up in upstreams.values()), default=60.0)
     # Last, once nothing can fail: this generation's health checks start and the
     # previous generation's stop (its draining requests keep their last verdicts).
     registry.install(upstreams)

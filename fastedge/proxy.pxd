@@ -3,7 +3,32 @@
 # (FASTEDGE_NO_EXTENSIONS=1); these declarations make the hot classes C structs, so
 # attribute access and calls between them skip dictionary lookups.
 
+cimport cython
+
+from fastedge._core.express cimport ExpressRequest
+
+
+cdef class ClientConnection
+cdef class Exchange
+
+
+cdef class ExpressSettings:
+    cdef public object gateway, observe, match, loop_time
+    cdef public bint enabled, access_log, keepalive_off
+    cdef public bytes via
+    cdef public Py_ssize_t max_head, max_uri
+    cdef public int max_headers
+    cdef public long max_requests
+    cdef public double horizon
+
+
+cdef class ExpressLane:
+    cdef public ExpressSettings settings
+    cdef public long long served, promoted
+
+
 cdef class UpstreamConnection:
+    cdef public ClientConnection xclient
     cdef public object target
     cdef public object transport
     cdef public Exchange exchange
@@ -34,6 +59,22 @@ cdef class ClientConnection:
     cdef public object _deadline_handle
     cdef public double _deadline_at
     cdef public double head_started
+    cdef public ExpressLane lane
+    cdef public ExpressSettings xset
+    cdef public ExpressRequest xreq
+    cdef public object xroute, xtarget
+    cdef public UpstreamConnection xup
+    cdef public double xstart, xsent, xdue
+    cpdef bint must_close(self)
+    cpdef double _due(self)
+    @cython.locals(lane=ExpressSettings)
+    cpdef rearm(self)
+    @cython.locals(req=ExpressRequest, lane=ExpressSettings)
+    cpdef bint _express(self, bytes data)
+    @cython.locals(req=ExpressRequest, lane=ExpressSettings)
+    cpdef express_response(self, bytes data)
+    @cython.locals(req=ExpressRequest)
+    cpdef Exchange express_promote(self)
 
 
 cdef class Exchange:

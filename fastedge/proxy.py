@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Coroutine
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, cast
 
+from fastedge._core import scan_request, scan_response
 from fastedge.errors import Kind, ProxyError, error_response
 from fastedge.filters import FilterChain, FilterContext, Response
 from fastedge.http.engine import (
@@ -47,9 +48,12 @@ from fastedge.http.headers import (
     rewrite_request_headers,
     rewrite_response_headers,
 )
+from fastedge.observe.metrics import MetricFamily
 from fastedge.observe.tracing import Span, SpanKind, StatusCode, Tracer
 
 if TYPE_CHECKING:
+    # Aliased: the compiled build cimports the class under its own name (proxy.pxd).
+    from fastedge._core import ExpressRequest as _ExpressRequest
     from fastedge.gateway import Gateway, Target, Upstream
     from fastedge.router import Route
 
@@ -131,10 +135,21 @@ def raw_error(status: int, message: str, request_id: bytes, *, retry_after: int 
 class UpstreamConnection:
     """One connection to an upstream target; carries one exchange at a time."""
 
-    __slots__ = ("_dead", "codec", "exchange", "idle_since", "read_paused", "target", "transport")
+    __slots__ = (
+        "_dead",
+        "codec",
+        "exchange",
+        "idle_since",
+        "read_paused",
+        "target",
+        "transport",
+        "xclient",
+    )
 
     def __init__(self, target: Target) -> None:
         self.target = target
+        # The client connection whose express request this connection carries.
+        self.xclient: ClientConnection | None = None
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
         self.codec: ClientCodec | None = None  # the last exchange's codec, for recycling
@@ -148,6 +163,16 @@ class UpstreamConnection:
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        xc = self.xclient
+        if xc is not None:
+            try:
+                xc.express_response(data)
+            except Exception:
+                log.exception("internal error while relaying an express response")
+                if xc.xreq is not None:
+                    xc.express_promote()
+                xc.internal_error()
+            return
         ex = self.exchange
         if ex is not None:
             try:
@@ -162,6 +187,8 @@ class UpstreamConnection:
 
     def eof_received(self) -> bool:
         self._dead = True
+        if self.xclient is not None:
+            self.xclient.express_promote()
         ex = self.exchange
         if ex is not None:
             ex.on_upstream_lost(None)
@@ -169,6 +196,8 @@ class UpstreamConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._dead = True
+        if self.xclient is not None:
+            self.xclient.express_promote()
         ex = self.exchange
         if ex is not None:
             ex.on_upstream_lost(exc)
@@ -176,11 +205,15 @@ class UpstreamConnection:
             self.target.pool.discard(self)
 
     def pause_writing(self) -> None:
+        if self.xclient is not None:
+            self.xclient.express_promote()
         ex = self.exchange
         if ex is not None:
             ex.conn.set_pause(_PAUSE_UPSTREAM, True)
 
     def resume_writing(self) -> None:
+        if self.xclient is not None:
+            self.xclient.express_promote()
         ex = self.exchange
         if ex is not None:
             ex.conn.set_pause(_PAUSE_UPSTREAM, False)
@@ -204,6 +237,85 @@ class UpstreamConnection:
             self.transport.resume_reading()
 
 
+class ExpressSettings:
+    """One config generation's settings as the express lane reads them per request, in
+    C fields. An express request keeps the settings it started with, as a general-path
+    exchange keeps its gateway across a reload."""
+
+    __slots__ = (
+        "access_log",
+        "enabled",
+        "gateway",
+        "horizon",
+        "keepalive_off",
+        "loop_time",
+        "match",
+        "max_head",
+        "max_headers",
+        "max_requests",
+        "max_uri",
+        "observe",
+        "via",
+    )
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gateway = gw
+        self.enabled = gw.express
+        self.via = gw.via
+        self.max_head = gw.limits.max_head_bytes
+        self.max_uri = gw.limits.max_uri_bytes
+        self.max_headers = gw.limits.max_headers
+        # The shortest upstream response timeout: how soon an express request may time out.
+        self.horizon = gw.express_horizon
+        self.max_requests = gw.max_requests_per_connection  # 0: unlimited
+        self.keepalive_off = not gw.keepalive_timeout
+        self.loop_time: Any = gw.loop.time
+        self.access_log = gw.access_log_enabled
+        self.observe: Any = gw.metrics.observe_request
+        # The compiled PrefixRouter's match: (route, prefix) or None.
+        self.match: Any = gw.router.prefix_router.match
+
+
+class ExpressLane:
+    """A server's express lane: the current generation's :class:`ExpressSettings`
+    (installed at start and by every reload) and how many requests the lane took and
+    handed on, counted in C fields and read at scrape time."""
+
+    __slots__ = ("promoted", "served", "settings")
+
+    def __init__(self) -> None:
+        self.settings: ExpressSettings | None = None
+        self.served = 0  # requests sent upstream on the express lane
+        self.promoted = 0  # of those, handed to the general path after being sent
+
+    def install(self, gw: Gateway) -> None:
+        """Serve new requests with ``gw`` (start-up and every reload)."""
+        self.settings = ExpressSettings(gw)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether new requests may take the lane (the current config allows it)."""
+        return self.settings is not None and self.settings.enabled
+
+    def collect(self) -> list[MetricFamily]:
+        """The lane's counters as metric families."""
+        return [
+            MetricFamily(
+                "fastedge_express_requests_total",
+                "counter",
+                "Requests taken on the express lane (scanned and rewritten in C).",
+                [("fastedge_express_requests_total", {}, float(self.served))],
+            ),
+            MetricFamily(
+                "fastedge_express_promoted_total",
+                "counter",
+                "Express requests handed to the general path after being sent (a response "
+                "in pieces or not plainly framed, a timeout, the client sending more).",
+                [("fastedge_express_promoted_total", {}, float(self.promoted))],
+            ),
+        ]
+
+
 class ClientConnection:
     """One client connection: parses requests, runs exchanges in order, writes responses."""
 
@@ -220,6 +332,7 @@ class ClientConnection:
         "exchange",
         "gateway",
         "head_started",
+        "lane",
         "last_read",
         "paused",
         "proto",
@@ -228,6 +341,14 @@ class ClientConnection:
         "server",
         "transport",
         "write_paused",
+        "xdue",
+        "xreq",
+        "xroute",
+        "xsent",
+        "xset",
+        "xstart",
+        "xtarget",
+        "xup",
     )
 
     def __init__(self, server: Any, proto: bytes) -> None:
@@ -254,6 +375,19 @@ class ClientConnection:
         # The header timeout counts from here, not from the last byte, so a head trickled
         # one byte at a time (slowloris) still times out.
         self.head_started = 0.0
+        # The express request in flight (see _express): the scanned request, its route,
+        # target and upstream connection, when it started (perf_counter) and was sent
+        # (loop time), and its response deadline (loop time).
+        lane = getattr(server, "express_lane", None)
+        self.lane: ExpressLane | None = lane if isinstance(lane, ExpressLane) else None
+        self.xset: ExpressSettings | None = None  # the settings it started with
+        self.xreq: _ExpressRequest | None = None
+        self.xroute: Route[Upstream] | None = None
+        self.xtarget: Target | None = None
+        self.xup: UpstreamConnection | None = None
+        self.xstart = 0.0
+        self.xsent = 0.0
+        self.xdue = 0.0
 
     # --- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -277,6 +411,23 @@ class ClientConnection:
 
     def data_received(self, data: bytes) -> None:
         self.last_read = now = self.server.loop.time()
+        if self.xreq is not None:
+            # Bytes while an express request is in flight (pipelining, an early next
+            # request): the general path takes over, in order.
+            self.express_promote()
+        elif (
+            self.exchange is None
+            and self.lane is not None
+            and self.lane.settings is not None
+            and self.lane.settings.enabled
+            and not self.queue
+            and not self.paused
+            and not self.write_paused  # a client that does not read gets nothing more
+            and not self.closing
+            and self.codec.express_ready()
+            and self._express(data)
+        ):
+            return
         ex = self.exchange
         if (ex is None or ex.request_complete) and not self.head_started:
             self.head_started = now  # bytes of a new request head: its clock starts
@@ -294,6 +445,8 @@ class ClientConnection:
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.xreq is not None:
+            self.express_promote()
         events = self.codec.feed(b"")
         if events:
             self.queue.extend(events)
@@ -303,6 +456,8 @@ class ClientConnection:
         return self.exchange is not None or bool(self.queue)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.xreq is not None:
+            self.express_promote()
         self.server.connections.discard(self)
         if self.admitted:
             self.admitted = False
@@ -317,6 +472,8 @@ class ClientConnection:
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self.xreq is not None:
+            self.express_promote()
         ex = self.exchange
         if ex is not None and ex.up is not None and ex.up.transport is not None:
             ex.up.read_paused = True
@@ -474,6 +631,8 @@ class ClientConnection:
           upstream's own timeout applies.
         """
         gw = self.gateway
+        if self.xreq is not None:
+            return self.xdue  # the express request's upstream response deadline
         ex = self.exchange
         if ex is None:
             if self.head_started:
@@ -494,6 +653,12 @@ class ClientConnection:
         due = self._due()
         if not due:
             return
+        lane = self.lane.settings if self.lane is not None else None
+        if lane is not None and lane.enabled and self.xreq is None:
+            # Fire no later than an express request starting now could time out, so that
+            # starting one (every request, on a busy connection) never re-arms the timer;
+            # firing early only re-checks (once per response timeout, per connection).
+            due = min(due, self.server.loop.time() + lane.horizon)
         handle = self._deadline_handle
         if handle is not None:
             if self._deadline_at <= due + 0.001:
@@ -514,6 +679,12 @@ class ClientConnection:
         if self.server.loop.time() < due:
             self.rearm()
             return
+        if self.xreq is not None:
+            # The upstream did not answer in time: the general path answers 504.
+            late = self.express_promote()
+            late._cancel_timer()
+            late._check_timeout()
+            return
         ex = self.exchange
         if ex is None:
             transport.close()  # idle, or a head that never completed: close quietly
@@ -523,10 +694,182 @@ class ClientConnection:
             status_override=408,
         )
 
+    # --- the express lane -----------------------------------------------------------
+    # The commonest exchange, served without the codecs, the Exchange object or the
+    # header lists: a GET/HEAD head that arrives whole on an idle connection, for a
+    # route without filters on a plain upstream with an idle pooled connection, answered
+    # by a response with a Content-Length body that arrives whole. fastedge._core.express
+    # scans and rewrites both in C, byte for byte what the general path would send
+    # (tests/core/test_express.py, tests/test_express_proxy.py). Anything else, at any
+    # point, goes to the general path: before the request is sent the bytes are simply
+    # parsed by the codec instead; after, express_promote() builds the Exchange the
+    # general path would have built and hands it whatever happened.
+    def _express(self, data: bytes) -> bool:
+        """Serve ``data`` on the express lane; False: it is not for the express lane."""
+        assert self.lane is not None
+        lane = self.lane.settings
+        assert lane is not None
+        gw = lane.gateway
+        req = scan_request(
+            data,
+            self.client_ip,
+            self.proto,
+            lane.via,
+            lane.max_head,
+            lane.max_uri,
+            lane.max_headers,
+        )
+        if req is None:
+            return False
+        found = lane.match(
+            req.path.decode("latin-1"),
+            req.host.decode("latin-1"),
+            "GET" if len(req.method) == 3 else "HEAD",
+        )
+        if found is None:
+            return False
+        route = found[0]
+        if route.filters is not None:
+            return False
+        upstream = route.upstream
+        if not upstream.express:
+            return False
+        target = upstream.balancer.pick()
+        conn = target.pool.take_idle()
+        if conn is None:
+            return False  # the general path connects (in a task) or waits
+        transport = conn.transport
+        self.lane.served += 1
+        self.gateway = gw
+        self.xset = lane
+        self.requests += 1
+        self.head_started = 0.0
+        self.xreq = req
+        self.xroute = route
+        self.xtarget = target
+        self.xup = conn
+        conn.xclient = self
+        self.xstart = perf_counter()
+        now = lane.loop_time()
+        self.xsent = now
+        self.xdue = now + upstream.response_timeout
+        transport.write(req.compose(route.forward_target(req.path, req.query)))
+        if self._deadline_handle is None or self._deadline_at > self.xdue + 0.001:
+            self.rearm()
+        return True
+
+    def express_response(self, data: bytes) -> None:
+        """Upstream bytes for the express request in flight."""
+        req = self.xreq
+        lane = self.xset
+        assert req is not None and lane is not None
+        # must_close(), from the settings the request started with.
+        close = (
+            not req.keep_alive
+            or self.closing
+            or lane.keepalive_off
+            or (lane.max_requests > 0 and self.requests >= lane.max_requests)
+        )
+        found = scan_response(data, len(req.method) == 4, lane.via, req.request_id, close)
+        if found is None:
+            self.express_promote().on_upstream_data(data)
+            return
+        status, reusable, body_length, out = found
+        up = self.xup
+        target = self.xtarget
+        route = self.xroute
+        assert up is not None and target is not None and route is not None
+        # Done before the write: the write may call pause_writing (a client that does
+        # not read), which must find no express request left to promote.
+        self.xreq = None
+        self.xset = None
+        self.xup = None
+        self.xtarget = None
+        self.xroute = None
+        up.xclient = None
+        transport = self.transport
+        assert transport is not None  # a lost client promotes the request first
+        transport.write(out)
+        target.pool.give_back(up, reusable)
+        elapsed = perf_counter() - self.xstart
+        method = "GET" if len(req.method) == 3 else "HEAD"
+        lane.observe(route.name, method, status, elapsed, elapsed)
+        if lane.access_log:
+            self.gateway.log_access(
+                {
+                    "request_id": req.request_id.decode(),
+                    "client": self.client_ip.decode(),
+                    "method": method,
+                    "path": req.target.decode("latin-1"),
+                    "route": route.name,
+                    "upstream": route.upstream.name,
+                    "target": target.name,
+                    "status": status,
+                    "bytes_in": 0,
+                    "bytes_out": body_length,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "upstream_ms": round(elapsed * 1000, 3),
+                    "error": None,
+                    "trace_id": None,
+                }
+            )
+        if close:
+            transport.close()
+            return
+        self.last_read = lane.loop_time()
+        self.rearm()  # cheap when the armed timer is already due before the idle deadline
+
+    def express_promote(self) -> Exchange:
+        """Turn the express request in flight into the Exchange the general path would
+        have made at this point (request sent, nothing received), and return it."""
+        req = self.xreq
+        route = self.xroute
+        target = self.xtarget
+        up = self.xup
+        assert req is not None and route is not None and target is not None and up is not None
+        self.xreq = None
+        self.xset = None
+        self.xroute = None
+        self.xtarget = None
+        self.xup = None
+        up.xclient = None
+        if self.lane is not None:
+            self.lane.promoted += 1
+        gw = self.gateway
+        events = self.codec.feed(req.data)
+        head = events[0] if events else None
+        if type(head) is not RequestHead:  # the scanner and llhttp disagree: a bug
+            raise RuntimeError(f"express request not parsed alike: {events!r}")
+        upstream = route.upstream
+        self.exchange = ex = Exchange(self, head)
+        ex.start = self.xstart
+        ex.route = route
+        ex.upstream = upstream
+        ex.target = target
+        ex.request_id = req.request_id
+        ex.up_target = route.forward_target(req.path, req.query)
+        headers, _, _ = rewrite_request_headers(
+            head.headers, client_ip=self.client_ip, proto=self.proto, via=gw.via
+        )
+        # The id the upstream was sent is the express one (the last field appended).
+        headers[-1] = (b"x-request-id", req.request_id)
+        ex.up_headers = headers
+        ex.request_complete = True
+        ex.request_sent = True
+        ex.reused = True
+        ex.up = up
+        up.exchange = ex
+        ex.cc = up.codec = gw.engine.client(head.method, None)
+        ex.up_start = self.xstart
+        ex.last_up_activity = self.xsent
+        loop = gw.loop
+        ex._timer = loop.call_at(self.xdue, ex._check_timeout)
+        return ex
+
     def shutdown(self) -> None:
         """Graceful stop: close now when idle, else after the current response."""
         self.closing = True
-        if self.exchange is None and self.transport is not None:
+        if self.exchange is None and self.xreq is None and self.transport is not None:
             self.transport.close()
 
 
@@ -577,7 +920,7 @@ class Exchange:
     def __init__(self, conn: ClientConnection, head: RequestHead) -> None:
         self.conn = conn
         self.head = head
-        self.start = time.perf_counter()
+        self.start = perf_counter()
         self.route: Route[Upstream] | None = None
         self.upstream: Upstream | None = None
         self.target: Target | None = None
@@ -806,7 +1149,7 @@ class Exchange:
                 self.span.set_attribute("fastedge.upstream", fctx.upstream.name)
         upstream = self.upstream
         assert upstream is not None
-        self.up_start = time.perf_counter()
+        self.up_start = perf_counter()
         if upstream.resilient:
             # Health, breakers, priority groups and retries: decided in a task, since any
             # attempt may need to wait (connect, backoff).
@@ -965,7 +1308,7 @@ class Exchange:
                 self.attempt = 0  # the fallback's own retry policy starts afresh
                 _spawn(self.conn.gateway.loop, self._forward_resilient())
             else:
-                self.up_start = time.perf_counter()
+                self.up_start = perf_counter()
                 # candidates() also serves a keyed (consistent-hash) fallback, which has
                 # no pick().
                 key = self._affinity_key(answer.hash_key) if answer.keyed else None
@@ -1445,7 +1788,7 @@ class Exchange:
         balancer = self.upstream.balancer
         balancer.release(target)
         if self.upstream.balance == "p2c_ewma":
-            balancer.observe(target, time.perf_counter() - self.up_start)
+            balancer.observe(target, perf_counter() - self.up_start)
 
     def _detach_upstream(self, *, reusable: bool) -> None:
         self._release_load()
@@ -1530,7 +1873,7 @@ class Exchange:
         span = self.span
         trace_id = span.trace_id if span is not None else None
         self._end_span()
-        now = time.perf_counter()
+        now = perf_counter()
         route = self.route.name if self.route is not None else "-"
         total = now - self.start
         upstream_s = (now - self.up_start) if self.up_start else None

@@ -67,6 +67,11 @@ class Router(Generic[U]):
         for route in routes:
             self._router.add(route.prefix, route, host=route.host, methods=route.methods)
 
+    @property
+    def prefix_router(self) -> PrefixRouter:
+        """The compiled router: its ``match`` returns ``(route, prefix)`` or ``None``."""
+        return self._router
+
     def match(self, path: str, host: str | None, method: str) -> Route[U] | None:
         """The route for this request, or ``None`` (answered 404)."""
         found = self._router.match(path, host, method)

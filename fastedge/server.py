@@ -36,7 +36,7 @@ from fastedge.observe.logging import AccessLog
 from fastedge.observe.metrics import MetricFamily, Metrics
 from fastedge.observe.tracing import Tracer
 from fastedge.observe.tracing_config import Tracing, build_tracing
-from fastedge.proxy import ClientConnection
+from fastedge.proxy import ClientConnection, ExpressLane
 
 log = logging.getLogger("fastedge.server")
 
@@ -88,6 +88,10 @@ class ProxyServer:
             runtime=self.runtime,
             tracer=self.tracer,
         )
+        # The express lane's view of the current gateway (fastedge.proxy.ExpressLane).
+        self.express_lane = ExpressLane()
+        self.express_lane.install(self.gateway)
+        self.metrics.add_collector(self.express_lane.collect)
         self._server: asyncio.Server | None = None
         self._sock = sock
         # SO_REUSEPORT on the listener: each `--workers` process binds its own socket to
@@ -210,6 +214,7 @@ class ProxyServer:
             log.warning("server.listen changed: takes effect on restart")
         old = self.gateway
         self.gateway = new
+        self.express_lane.install(new)
         self.config = config
         self._retired.append(old)
         # In-flight requests keep using the old gateway's pools; close them after the drain.

@@ -131,6 +131,11 @@ class ServerCodec(Protocol):
         not keep the connection alive, later bytes are ignored.
         """
 
+    def express_ready(self) -> bool:
+        """Whether the proxy's express lane may serve the next whole request without this
+        codec (it is between messages with nothing owed); an engine without the lane's
+        byte-identical guarantees always says False."""
+
     def next_cycle(self) -> list[RequestEvent]:
         """Call after the response to the current request ended (``end`` was called)
         and ``keep_alive`` is true; returns events already buffered for the next request."""

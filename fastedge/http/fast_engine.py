@@ -398,6 +398,11 @@ class FastServerCodec:
                 events.append(self._fail(431, "chunk metadata or trailer section too large"))
         return events
 
+    def express_ready(self) -> bool:
+        """Whether llhttp is between messages with nothing owed: the proxy's express lane
+        may then serve whole requests without this codec (fastedge.proxy)."""
+        return not (self._in_message or self._queue or self._stopped)
+
     def next_cycle(self) -> list[RequestEvent]:
         """Start the next request/response cycle; this engine parses ahead, so the events
         of later requests were already returned by :meth:`feed`."""

@@ -292,6 +292,10 @@ class H11ServerCodec:
             self._raw += data
         return self._advance()
 
+    def express_ready(self) -> bool:
+        """Never: the strict reference engine parses every request itself."""
+        return False
+
     def next_cycle(self) -> list[RequestEvent]:
         """Start the next cycle: returns the events of a request already buffered."""
         conn = self._conn

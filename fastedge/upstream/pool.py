@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-import time
 from collections import deque
 from collections.abc import Callable
+from time import monotonic
 from typing import Any, Generic, Protocol, TypeVar
 
 from fastedge.errors import Kind, ProxyError
@@ -156,6 +156,36 @@ class ConnectionPool(Generic[C]):
             dead.close()
         return conn, may_connect
 
+    def take_idle(self) -> C | None:
+        """The express lane's checkout: the most recently used idle connection when it
+        is usable and nobody waits, else ``None`` (nothing reserved or closed; the
+        caller takes the general path, which does the full :meth:`acquire_idle`)."""
+        state = self.state
+        idle = state.idle
+        if idle and not self._closed:
+            conn = idle[-1]
+            if conn.is_usable():
+                idle.pop()
+                state.busy += 1
+                return conn
+        return None
+
+    def give_back(self, conn: C, reusable: bool) -> None:
+        """:meth:`release` for the express lane: parks a reusable connection directly
+        when nobody waits and the pool is open; anything else goes through release."""
+        state = self.state
+        # No is_usable() check: a connection that closed while carrying an express
+        # request was handed to the general path, and one closing from now on is
+        # discarded by its connection_lost (take_idle checks again anyway).
+        if not reusable or self._closed or self._draining or state.waiters:
+            self.release(conn, reusable)
+            return
+        state.busy -= 1
+        conn.idle_since = monotonic()
+        state.idle.append(conn)
+        if self._expire_handle is None:
+            self._schedule_expiry()
+
     async def acquire(self) -> tuple[C, bool]:
         """A connection for one request: ``(conn, reused)``.
 
@@ -234,7 +264,7 @@ class ConnectionPool(Generic[C]):
         """Give a connection back; kept only if ``reusable`` (response fully read,
         keep-alive) and still open."""
         keep, freed = self.state.checkin(
-            conn, reusable and not self._closed and not self._draining, time.monotonic()
+            conn, reusable and not self._closed and not self._draining, monotonic()
         )
         if keep is None:
             conn.close()
@@ -277,7 +307,7 @@ class ConnectionPool(Generic[C]):
 
     def _expire(self) -> None:
         self._expire_handle = None
-        for conn in self.state.expire(time.monotonic()):
+        for conn in self.state.expire(monotonic()):
             conn.close()
         if self.state.idle:
             self._schedule_expiry()
