@@ -7,9 +7,11 @@ event loop I/O), run it under callgrind twice and subtract:
     valgrind --tool=callgrind .venv/bin/python -m bench.proxy_loop 20000
     # (total of the second - total of the first) / 20000 = instructions per request
 
-``--chain`` puts issue 9's full policy chain on the route (JWT auth with cached
-verification, a local per-user limit that never triggers, tracing at 1% sampling: the
-``fastedge-chain`` variant of ``bench/load/variants.py``) and sends a bearer token.
+``--cache`` puts an edge cache on the route, fills it once and then answers hits only
+(issue 9's cache-hit scenario). ``--chain`` puts issue 9's full policy chain on the
+route (JWT auth with cached verification, a local per-user limit that never triggers,
+tracing at 1% sampling: the ``fastedge-chain`` variant of ``bench/load/variants.py``)
+and sends a bearer token.
 
 `callgrind_annotate --inclusive=yes` on the second output shows where they go.
 """
@@ -32,6 +34,13 @@ from bench.test_bench_proxy import (
     fake_server,
 )
 
+# A response the edge cache stores, fresh for an hour (no Date: its age starts at 0).
+CACHEABLE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n"
+    b"Content-Type: text/plain\r\nCache-Control: max-age=3600\r\nContent-Length: 12\r\n"
+    b"Connection: keep-alive\r\n\r\nhello world\n"
+)
+
 
 def chain_document() -> dict[str, Any]:
     """``fake_document`` with the ``fastedge-chain`` policies (secret set in the env)."""
@@ -45,12 +54,31 @@ def chain_document() -> dict[str, Any]:
     return doc
 
 
-async def drive(count: int, *, chain: bool = False) -> None:
-    """Build a gateway with one idle pooled upstream connection and relay ``count``."""
+def cache_document() -> dict[str, Any]:
+    """``fake_document`` with an edge cache on the route (``--cache``)."""
+    doc = fake_document()
+    doc["caches"] = {"c": {"max_bytes": "1MiB"}}
+    doc["routes"][0]["cache"] = "c"
+    return doc
+
+
+async def drive(count: int, *, chain: bool = False, cache: bool = False) -> None:
+    """Build a gateway with one idle pooled upstream connection and relay ``count``
+    (``cache``: fill the cache once, then answer ``count`` hits from it)."""
     request = REQUEST
     if chain:
         token = b"Authorization: Bearer %s\r\n\r\n" % bench_token().encode()
         request = REQUEST[:-2] + token
+    if cache:
+        _, client, upstream = fake_server(cache_document())
+        client.data_received(request)
+        upstream.data_received(CACHEABLE)
+        for _ in range(count):
+            client.data_received(request)
+        assert client.requests == count + 1, client.requests
+        written = cast(FakeTransport, client.transport).written
+        assert written == count + 1, written
+        return
     _, client, upstream = fake_server(chain_document() if chain else fake_document())
     for _ in range(count):
         client.data_received(request)
@@ -62,9 +90,10 @@ async def drive(count: int, *, chain: bool = False) -> None:
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if a != "--chain"]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
     count = int(args[0]) if args else 20000
-    uvloop.run(drive(count, chain="--chain" in sys.argv[1:]))
+    flags = sys.argv[1:]
+    uvloop.run(drive(count, chain="--chain" in flags, cache="--cache" in flags))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 cimport cython
 
 from fastedge._core.express cimport ExpressRequest
+from fastedge.observe.metrics cimport Metrics
 
 
 cdef class ClientConnection
@@ -13,13 +14,14 @@ cdef class Exchange
 
 
 cdef class ExpressSettings:
-    cdef public object gateway, observe, match, loop_time
+    cdef public object gateway, match, loop_time
+    cdef public Metrics metrics
     cdef public bint enabled, access_log, keepalive_off
     cdef public bytes via
     cdef public Py_ssize_t max_head, max_uri
     cdef public int max_headers
     cdef public long max_requests
-    cdef public double horizon
+    cdef public double horizon, keepalive
 
 
 cdef class ExpressLane:
@@ -75,6 +77,9 @@ cdef class ClientConnection:
     cpdef express_response(self, bytes data)
     @cython.locals(req=ExpressRequest)
     cpdef Exchange express_promote(self)
+    cpdef _express_idle(self, ExpressSettings lane)
+    @cython.locals(req=ExpressRequest, lane=ExpressSettings)
+    cpdef _express_answer(self, ExpressSettings lane, ExpressRequest req, route, reply)
 
 
 cdef class Exchange:

@@ -73,6 +73,9 @@ _PAUSE_PENDING = 4  # body buffered while connecting
 
 _TRACE_FIELDS = frozenset({b"traceparent", b"tracestate"})
 
+# The express lane's methods as metrics and logs spell them.
+_METHOD_NAMES = {b"GET": "GET", b"HEAD": "HEAD"}
+
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 _ERROR_REASONS = {
@@ -247,6 +250,7 @@ class ExpressSettings:
         "enabled",
         "gateway",
         "horizon",
+        "keepalive",
         "keepalive_off",
         "loop_time",
         "match",
@@ -254,7 +258,7 @@ class ExpressSettings:
         "max_headers",
         "max_requests",
         "max_uri",
-        "observe",
+        "metrics",
         "via",
     )
 
@@ -268,10 +272,11 @@ class ExpressSettings:
         # The shortest upstream response timeout: how soon an express request may time out.
         self.horizon = gw.express_horizon
         self.max_requests = gw.max_requests_per_connection  # 0: unlimited
+        self.keepalive = gw.keepalive_timeout
         self.keepalive_off = not gw.keepalive_timeout
         self.loop_time: Any = gw.loop.time
         self.access_log = gw.access_log_enabled
-        self.observe: Any = gw.metrics.observe_request
+        self.metrics = gw.metrics
         # The compiled PrefixRouter's match: (route, prefix) or None.
         self.match: Any = gw.router.prefix_router.match
 
@@ -285,7 +290,7 @@ class ExpressLane:
 
     def __init__(self) -> None:
         self.settings: ExpressSettings | None = None
-        self.served = 0  # requests sent upstream on the express lane
+        self.served = 0  # requests taken on the express lane (sent upstream or answered)
         self.promoted = 0  # of those, handed to the general path after being sent
 
     def install(self, gw: Gateway) -> None:
@@ -303,7 +308,8 @@ class ExpressLane:
             MetricFamily(
                 "fastedge_express_requests_total",
                 "counter",
-                "Requests taken on the express lane (scanned and rewritten in C).",
+                "Requests taken on the express lane (scanned in C; sent upstream, or "
+                "answered by a lone filter from memory such as a fresh cache hit).",
                 [("fastedge_express_requests_total", {}, float(self.served))],
             ),
             MetricFamily(
@@ -729,8 +735,17 @@ class ClientConnection:
         if found is None:
             return False
         route = found[0]
-        if route.filters is not None:
-            return False
+        chain = route.filters
+        if chain is not None:
+            # A lone filter answering from memory (a fresh cache hit), or the general path.
+            answer = chain.express
+            if answer is None:
+                return False
+            reply = answer(req, self.proto, route.upstream)
+            if reply is None:
+                return False
+            self._express_answer(lane, req, route, reply)
+            return True
         upstream = route.upstream
         if not upstream.express:
             return False
@@ -792,32 +807,96 @@ class ClientConnection:
         transport.write(out)
         target.pool.give_back(up, reusable)
         elapsed = perf_counter() - self.xstart
-        method = "GET" if len(req.method) == 3 else "HEAD"
-        lane.observe(route.name, method, status, elapsed, elapsed)
+        lane.metrics.observe_request(
+            route.name, _METHOD_NAMES[req.method], status, elapsed, elapsed
+        )
         if lane.access_log:
-            self.gateway.log_access(
-                {
-                    "request_id": req.request_id.decode(),
-                    "client": self.client_ip.decode(),
-                    "method": method,
-                    "path": req.target.decode("latin-1"),
-                    "route": route.name,
-                    "upstream": route.upstream.name,
-                    "target": target.name,
-                    "status": status,
-                    "bytes_in": 0,
-                    "bytes_out": body_length,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "upstream_ms": round(elapsed * 1000, 3),
-                    "error": None,
-                    "trace_id": None,
-                }
-            )
+            self._express_log(req, route, target.name, status, body_length, elapsed, elapsed)
         if close:
             transport.close()
             return
-        self.last_read = lane.loop_time()
-        self.rearm()  # cheap when the armed timer is already due before the idle deadline
+        self._express_idle(lane)
+
+    def _express_answer(
+        self, lane: ExpressSettings, req: _ExpressRequest, route: Route[Upstream], reply: Any
+    ) -> None:
+        """Write a filter's whole answer (an :class:`~fastedge.filters.ExpressReply`) to
+        an express request, exactly as the general path's Exchange._answer would."""
+        start = perf_counter()
+        assert self.lane is not None
+        self.lane.served += 1
+        self.gateway = lane.gateway
+        self.requests += 1
+        self.head_started = 0.0
+        status = reply.status
+        body = reply.body
+        close = (
+            not req.keep_alive
+            or self.closing
+            or lane.keepalive_off
+            or (lane.max_requests > 0 and self.requests >= lane.max_requests)
+        )
+        # The codec's framing: no body for HEAD, 1xx, 204 and 304.
+        send_body = len(req.method) == 3 and status >= 200 and status != 204 and status != 304
+        transport = self.transport
+        assert transport is not None
+        transport.write(
+            b"".join(
+                (
+                    reply.head,
+                    b"x-request-id: ",
+                    req.request_id,
+                    b"\r\nconnection: close\r\n\r\n" if close else b"\r\n\r\n",
+                    body if send_body else b"",
+                )
+            )
+        )
+        elapsed = perf_counter() - start
+        lane.metrics.observe_request(route.name, _METHOD_NAMES[req.method], status, elapsed, None)
+        if lane.access_log:
+            self._express_log(req, route, None, status, len(body), elapsed, None)
+        if close:
+            transport.close()
+            return
+        self._express_idle(lane)
+
+    def _express_idle(self, lane: ExpressSettings) -> None:
+        """The connection is idle again after an express response: the keep-alive
+        deadline counts from now. The armed timer usually fires before it already (it is
+        capped at an express request's deadline), which needs no re-arming."""
+        now = self.last_read = lane.loop_time()
+        if self._deadline_handle is None or self._deadline_at > now + lane.keepalive:
+            self.rearm()
+
+    def _express_log(
+        self,
+        req: _ExpressRequest,
+        route: Route[Upstream],
+        target: str | None,
+        status: int,
+        bytes_out: int,
+        elapsed: float,
+        upstream_s: float | None,
+    ) -> None:
+        """The access-log line Exchange._log writes for the same exchange."""
+        self.gateway.log_access(
+            {
+                "request_id": req.request_id.decode(),
+                "client": self.client_ip.decode(),
+                "method": _METHOD_NAMES[req.method],
+                "path": req.target.decode("latin-1"),
+                "route": route.name,
+                "upstream": route.upstream.name,
+                "target": target,
+                "status": status,
+                "bytes_in": 0,
+                "bytes_out": bytes_out,
+                "duration_ms": round(elapsed * 1000, 3),
+                "upstream_ms": round(upstream_s * 1000, 3) if upstream_s else None,
+                "error": None,
+                "trace_id": None,
+            }
+        )
 
     def express_promote(self) -> Exchange:
         """Turn the express request in flight into the Exchange the general path would

@@ -4,5 +4,6 @@
 
 cdef class ExpressRequest:
     cdef readonly bytes method, target, path, query, host, request_id, data
-    cdef readonly bint keep_alive
+    cdef readonly bint keep_alive, cache_sensitive
     cdef bytes _block  # the rewritten fields, each ending in CRLF
+    cdef Py_ssize_t _fields_at  # where the first field line starts in data

@@ -43,6 +43,10 @@ class ExpressRequest:
     def keep_alive(self) -> bool:
         """``False`` when a ``Connection`` field said ``close``."""
     @property
+    def cache_sensitive(self) -> bool:
+        """A field a cache must look at is present: ``Cache-Control``, ``If-None-Match``
+        or ``If-Modified-Since`` (forwarded like any other field)."""
+    @property
     def data(self) -> bytes:
         """The bytes scanned: the whole request."""
     def compose(self, target: bytes) -> bytes:
@@ -50,6 +54,10 @@ class ExpressRequest:
         rewritten fields (hop-by-hop ones dropped; ``x-forwarded-for``,
         ``x-forwarded-proto``, ``x-forwarded-host``, ``via``, ``x-request-id`` appended)
         and the blank line."""
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Every field as the codec would report it: ``(lower-cased name, trimmed value)``
+        in order, hop-by-hop ones included (for filters that answer from memory)."""
 
 def scan_request(
     data: bytes,

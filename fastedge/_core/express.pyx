@@ -66,6 +66,7 @@ cdef enum:
     K_CL = 8
     K_CLOSE_NAME = 9  # a field named "close": nominated away by "Connection: close"
     K_PROXY_CONN = 10  # llhttp reads it as Connection: only "keep-alive" is plain
+    K_CACHE = 11  # kept; a cache must look at it (Cache-Control, conditionals)
 
 cdef struct Field:
     Py_ssize_t name
@@ -115,6 +116,12 @@ cdef int _request_kind(const unsigned char* p, Py_ssize_t n) noexcept nogil:
         return K_REFUSE
     if _is(p, n, b"proxy-connection", 16):
         return K_PROXY_CONN
+    if (
+        _is(p, n, b"cache-control", 13)
+        or _is(p, n, b"if-none-match", 13)
+        or _is(p, n, b"if-modified-since", 17)
+    ):
+        return K_CACHE
     if (
         _is(p, n, b"te", 2)
         or _is(p, n, b"trailer", 7)
@@ -294,6 +301,28 @@ cdef class ExpressRequest:
         w[1] = 10
         return out
 
+    def headers(self):
+        """Every field as the codec would report it: ``(lower-cased name, trimmed
+        value)`` in order, hop-by-hop ones included (for filters that answer from
+        memory). Scanned again from ``data``: only such routes pay for the list."""
+        cdef Field fields[MAX_FIELDS]
+        cdef int count = 0, i
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(self.data)
+        cdef Py_ssize_t end = PyBytes_GET_SIZE(self.data)
+        cdef list out = []
+        cdef bytes name
+        cdef Field* f
+        if _fields(p, self._fields_at, end, fields, MAX_FIELDS, &count) != end:
+            raise AssertionError("express request fields no longer scan")
+        for i in range(count):
+            f = &fields[i]
+            name = PyBytes_FromStringAndSize(NULL, f.name_len)
+            _put_lower(PyBytes_AS_STRING(name), p + f.name, f.name_len)
+            out.append(
+                (name, PyBytes_FromStringAndSize(<const char*>p + f.value, f.value_len))
+            )
+        return out
+
 
 def scan_request(
     bytes data not None,
@@ -312,7 +341,7 @@ def scan_request(
     cdef Py_ssize_t pos, tstart, tend, qpos = -1, head_end, size, i
     cdef int count = 0, kind, limit
     cdef int host_i = -1, xff_i = -1, via_i = -1, rid_i = -1
-    cdef bint close = False, close_named = False, valid
+    cdef bint close = False, close_named = False, valid, cache_sensitive = False
     cdef bytes method
     cdef Field* f
     if end > max_head or end < 18:
@@ -338,7 +367,8 @@ def scan_request(
     limit = max_headers if max_headers < MAX_FIELDS else MAX_FIELDS
     if limit < 0:
         limit = 0
-    head_end = _fields(p, pos + 11, end, fields, limit, &count)
+    cdef Py_ssize_t fields_at = pos + 11
+    head_end = _fields(p, fields_at, end, fields, limit, &count)
     if head_end != end:  # malformed, or bytes after the head (a body, a pipelined request)
         return None
     size = 0
@@ -354,6 +384,10 @@ def scan_request(
             size += f.name_len + f.value_len + 4
         elif kind == K_CLOSE_NAME:
             close_named = True
+            f.kind = K_OTHER
+            size += f.name_len + f.value_len + 4
+        elif kind == K_CACHE:
+            cache_sensitive = True
             f.kind = K_OTHER
             size += f.name_len + f.value_len + 4
         elif kind == K_CONN:
@@ -388,7 +422,9 @@ def scan_request(
     cdef ExpressRequest req = ExpressRequest.__new__(ExpressRequest)
     req.method = method
     req.data = data
+    req._fields_at = fields_at
     req.keep_alive = not close
+    req.cache_sensitive = cache_sensitive
     req.target = PyBytes_FromStringAndSize(<const char*>p + tstart, tend - tstart)
     if qpos < 0:
         req.path = req.target

@@ -125,6 +125,10 @@ _RESPONSE_DROPPED: Final = frozenset((b"keep-alive", b"te", b"trailer", b"expect
 # -- shared syntax -------------------------------------------------------------------------
 
 
+# Fields a cache must look at (request Cache-Control, conditionals): flagged, still kept.
+_CACHE_SENSITIVE: Final = frozenset((b"cache-control", b"if-none-match", b"if-modified-since"))
+
+
 def _split_head(data: bytes) -> tuple[list[bytes], int] | None:
     """The head's lines (start line first, without their CRLFs) and the offset just past
     the blank line that ends the head; ``None`` when there is no blank line."""
@@ -208,6 +212,9 @@ class ExpressRequest:
     """The client's first valid ``X-Request-Id``, else a fresh :func:`new_request_id`."""
     keep_alive: bool
     """``False`` when a ``Connection`` field said ``close``."""
+    cache_sensitive: bool
+    """A field a cache must look at is present: ``Cache-Control``, ``If-None-Match`` or
+    ``If-Modified-Since`` (they are forwarded like any other field)."""
     data: bytes
     """The bytes scanned: the whole request."""
     _block: bytes = field(repr=False)
@@ -217,6 +224,15 @@ class ExpressRequest:
         """The upstream request head for ``target``: ``METHOD target HTTP/1.1``, the
         rewritten fields and the blank line."""
         return b"".join((self.method, b" ", target, b" HTTP/1.1\r\n", self._block, _CRLF))
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Every field as the codec would report it: ``(lower-cased name, trimmed value)``
+        in order, hop-by-hop ones included (for filters that answer from memory)."""
+        split = _split_head(self.data)
+        assert split is not None  # scan_request accepted these bytes
+        fields = _parse_fields(split[0][1:], _MAX_FIELDS)
+        assert fields is not None
+        return fields
 
 
 def scan_request(
@@ -266,6 +282,7 @@ def scan_request(
     request_id: bytes | None = None
     close = False
     close_named = False
+    cache_sensitive = False
     for name, value in fields:
         if name == b"host":
             if host is not None or not value:
@@ -301,6 +318,8 @@ def scan_request(
             continue
         elif name == _CLOSE:
             close_named = True
+        elif name in _CACHE_SENSITIVE:
+            cache_sensitive = True
         kept.append(_line(name, value))
     if host is None or (close and close_named):
         return None
@@ -323,6 +342,7 @@ def scan_request(
         host=host,
         request_id=request_id,
         keep_alive=not close,
+        cache_sensitive=cache_sensitive,
         data=data,
         _block=b"".join(kept),
     )

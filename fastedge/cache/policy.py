@@ -233,6 +233,26 @@ def _date_value(headers: Headers, fallback: float | None) -> float | None:
     return fallback if date is None else date
 
 
+def entry_age(entry: Entry, now: float) -> float:
+    """:func:`current_age` of a stored entry; the part that depends only on what was
+    stored (the parsed ``Age`` and ``Date``, the response delay) is computed once per
+    stored head, not on every hit."""
+    memo = entry.initial_age
+    headers = entry.headers
+    response_time = entry.response_time
+    request_time = entry.request_time
+    if (
+        memo is None
+        or memo[0] is not headers
+        or memo[1] != response_time
+        or memo[2] != request_time
+    ):
+        initial = current_age(headers, response_time, request_time, response_time)
+        memo = entry.initial_age = (headers, response_time, request_time, initial)
+    resident_time = now - response_time
+    return memo[3] + resident_time if resident_time > 0.0 else memo[3]
+
+
 def current_age(headers: Headers, response_time: float, request_time: float, now: float) -> float:
     """The stored response's current age in seconds (RFC 9111 §4.2.3).
 
@@ -394,13 +414,10 @@ def decide(entry: Entry | None, request: CacheControl, now: float) -> Decision:
     if entry is None:
         return Miss(request.only_if_cached)
     resp = entry.cc
-    age = current_age(entry.headers, entry.response_time, entry.request_time, now)
+    age = entry_age(entry, now)
     lifetime = entry.lifetime
     ttl = lifetime - age
-
-    def upstream(decision: Decision) -> Decision:
-        return Miss(True) if request.only_if_cached else decision
-
+    upstream = _via_upstream_only_if_cached if request.only_if_cached else _via_upstream
     if request.no_cache or (resp.no_cache and not resp.no_cache_fields):
         return upstream(MustRevalidate(age, ttl))
     fresh = lifetime > age  # §4.2: response_is_fresh = freshness_lifetime > current_age
@@ -431,6 +448,16 @@ def decide(entry: Entry | None, request: CacheControl, now: float) -> Decision:
     if staleness <= sie:
         return upstream(StaleIfError(age, ttl))
     return upstream(MustRevalidate(age, ttl))
+
+
+def _via_upstream(decision: Decision) -> Decision:
+    """An answer that contacts the upstream, as decided."""
+    return decision
+
+
+def _via_upstream_only_if_cached(decision: Decision) -> Decision:
+    """``only-if-cached``: an answer that would contact the upstream is a miss."""
+    return Miss(True)
 
 
 def keep_for(lifetime: float, resp_cc: CacheControl) -> float:

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from fastedge.cache.control import CacheControl
 from fastedge.cache.policy import secondary_key, vary_fields
@@ -59,6 +59,17 @@ class Entry:
     stored_at: float
     vary: tuple[bytes, ...] = ()
     size: int = 0
+    # The express lane's serialised status line and fields (without Age and
+    # X-Request-Id), valid while ``headers`` is the list it was made from: every change
+    # of the stored fields assigns a new list.
+    wire: tuple[Headers, bytes] | None = None
+    # The last whole express head made from ``wire``: (wire, age, ttl, head). Age and
+    # ttl are sent in whole seconds, so consecutive hits mostly reuse it.
+    hit_head: tuple[tuple[Headers, bytes], int, int, bytes] | None = None
+    # The corrected initial age (RFC 9111 §4.2.3: parsed Age and Date, response delay),
+    # valid while ``headers``, ``response_time`` and ``request_time`` are unchanged:
+    # (headers, response_time, request_time, age).
+    initial_age: tuple[Headers, float, float, float] | None = None
 
     @property
     def body_length(self) -> int:
@@ -173,6 +184,24 @@ class CacheStore:
         entry: Entry | None = self._lru.get(key, now=self._now(now))
         if entry is None and key in variants.keys:
             self._forget(primary, key)  # expired out of the LRU
+        return entry
+
+    def peek_request(self, primary: bytes, request: Any, now: float) -> tuple[bytes, Entry] | None:
+        """``(key, entry)`` of what :meth:`lookup` would return for an express request
+        (``request.headers()`` is read only when the stored variants vary on a field),
+        without recency, statistics or forgetting: the caller decides whether to serve
+        at all, then :meth:`touch` es the key."""
+        variants = self._index.get(primary)
+        if variants is None:
+            return None
+        vary = variants.vary
+        key = primary + b"\0" + (secondary_key(vary, request.headers()) if vary else b"")
+        entry: Entry | None = self._lru.peek(key, None, now=now)
+        return None if entry is None else (key, entry)
+
+    def touch(self, key: bytes, now: float) -> Entry | None:
+        """:meth:`lookup`'s recency and statistics for a key from :meth:`peek_request`."""
+        entry: Entry | None = self._lru.get(key, None, now=now)
         return entry
 
     def peek(self, key: bytes, *, now: float | None = None) -> Entry | None:

@@ -239,6 +239,36 @@ class Runtime:
 FilterBuilder: TypeAlias = Callable[[Any, "RouteConfig", "Config", Runtime], Filter]
 
 
+class ExpressReply:
+    """A filter's whole answer on the express lane, already serialised: ``head`` is the
+    status line and every field the general path would send before ``X-Request-Id``
+    (the proxy appends that, ``Connection: close`` when closing, the blank line and
+    ``body``, which it leaves out for HEAD, 204 and 304)."""
+
+    __slots__ = ("body", "head", "status")
+
+    def __init__(self, status: int, head: bytes, body: bytes) -> None:
+        self.status = status
+        self.head = head
+        self.body = body
+
+
+class ExpressAnswer(Protocol):
+    """``filter.express_answer(request, scheme, upstream)``: the whole answer to a plain
+    GET/HEAD from memory, or ``None``.
+
+    Called by the proxy's express lane for a route whose only filter has it, before the
+    general path builds anything; ``request`` is the scanned
+    :class:`fastedge._core.ExpressRequest` (``method``, ``host``, ``path``, ``query``,
+    ``headers()``, ``cache_sensitive``). ``None`` must leave no trace (nothing counted,
+    nothing started): the general path then runs the filter's ``on_request`` as usual.
+    A reply must be byte for byte what ``on_request`` would have answered, with the same
+    side effects (its counters), so that the two paths cannot be told apart.
+    """
+
+    def __call__(self, request: Any, scheme: bytes, upstream: Any) -> ExpressReply | None: ...
+
+
 class FilterChain:
     """The filters of one route, in phase order."""
 
@@ -247,6 +277,7 @@ class FilterChain:
         "body_filters",
         "end_filters",
         "error_filters",
+        "express",
         "filters",
         "response_filters",
         "streams_body",
@@ -261,6 +292,11 @@ class FilterChain:
         self.error_filters = tuple(f for f in filters if hasattr(f, "on_error"))
         # Whether the proxy must call the body hooks at all (one test per response).
         self.streams_body = bool(self.body_filters or self.end_filters or self.abort_filters)
+        # The proxy's express lane may ask a lone filter that answers from memory (a
+        # cache hit) before building anything for the general path: see ExpressAnswer.
+        self.express: ExpressAnswer | None = None
+        if len(filters) == 1:
+            self.express = getattr(filters[0], "express_answer", None)
 
     def run_request(self, ctx: FilterContext) -> Answer | Awaitable[Answer]:
         """Run ``on_request`` in order; synchronous until a filter needs to wait."""

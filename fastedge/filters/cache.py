@@ -60,6 +60,7 @@ from fastedge.cache.policy import (
     cache_status,
     current_age,
     decide,
+    entry_age,
     field_values,
     freshness_lifetime,
     invalidate_on_unsafe,
@@ -91,7 +92,16 @@ from fastedge.config import (
     _type_name,
 )
 from fastedge.errors import Kind, ProxyError, error_response
-from fastedge.filters import Answer, Filter, FilterContext, Headers, Response, Runtime
+from fastedge.filters import (
+    Answer,
+    ExpressReply,
+    Filter,
+    FilterContext,
+    Headers,
+    Response,
+    Runtime,
+)
+from fastedge.http.fast_engine import status_line
 from fastedge.redis_config import RedisConfig
 from fastedge.state import LockToken
 
@@ -135,6 +145,7 @@ _REQUEST_ONLY: Final = frozenset({"max-stale", "min-fresh", "only-if-cached"})
 
 _STATE: Final = "cache"  # the FilterContext.state key of a request's _Pending
 _NO_DIRECTIVES: Final = CacheControl()  # most requests send no Cache-Control
+_NO_FIELDS: Final[Headers] = []  # no Vary: the request's fields select nothing
 # Normalised "GET scheme://host" key prefixes by (scheme, Host), so a hit does not redo
 # the host normalisation; bounded because Host values come from clients.
 _PREFIX_CACHE_SIZE: Final = 1024
@@ -417,15 +428,17 @@ class CacheFilter:
 
     def _primary(self, ctx: FilterContext) -> bytes:
         """The URL's primary key (always the GET one: HEAD is served from GET)."""
-        origin = (ctx.scheme, ctx.host)
+        return self._primary_key(ctx.scheme, ctx.host, ctx.path, ctx.query, ctx.upstream)
+
+    def _primary_key(self, scheme: bytes, host: bytes, path: bytes, query: bytes, up: Any) -> bytes:
+        origin = (scheme, host)
         prefix = self._prefixes.get(origin)
         if prefix is None:
             if len(self._prefixes) >= _PREFIX_CACHE_SIZE:
                 self._prefixes.clear()
             # primary_key normalises scheme and host; "/" is cut off again.
-            prefix = self._prefixes[origin] = primary_key(_GET, ctx.scheme, ctx.host, b"/")[:-1]
-        key = prefix + (ctx.path + ctx.query or b"/")
-        up = ctx.upstream
+            prefix = self._prefixes[origin] = primary_key(_GET, scheme, host, b"/")[:-1]
+        key = prefix + (path + query or b"/")
         if up is not None and up.name != self._route_upstream:
             # An earlier filter (traffic split, flag) sent this request to another
             # upstream: its answers are another resource and must not be mixed.
@@ -478,6 +491,74 @@ class CacheFilter:
                 return self._lead_shared(ctx, pending)
             return None
         return self._follow(ctx, pending)
+
+    def express_answer(self, req: Any, scheme: bytes, upstream: Any) -> ExpressReply | None:
+        """A fresh hit for a plain GET/HEAD, byte for byte as :meth:`on_request` and the
+        proxy's general path serve it, or ``None`` with nothing counted (the proxy's
+        express lane; see :class:`~fastedge.filters.ExpressAnswer`).
+
+        Only the plainest case: no request ``Cache-Control`` and no conditional
+        (``req.cache_sensitive``), a fresh stored response. Everything else (stale,
+        revalidation, misses and their coalescing) is on_request's.
+        """
+        if req.cache_sensitive:
+            return None
+        cache = self.cache
+        now = cache.clock()
+        primary = self._primary_key(scheme, req.host, req.path, req.query, upstream)
+        store = cache.store
+        # Peeked first: a declined request must not touch recency or hit statistics,
+        # which on_request's own lookup then updates.
+        found = store.peek_request(primary, req, now)
+        if found is None:
+            return None
+        key, entry = found
+        resp = entry.cc
+        if resp.no_cache and not resp.no_cache_fields:
+            return None  # decide(): revalidate first
+        age = entry_age(entry, now)
+        ttl = entry.lifetime - age
+        if ttl <= 0:
+            return None  # stale: decide() chooses among SWR, stale-if-error, revalidation
+        store.touch(key, now)
+        cache.count("hit")
+        # What _from_entry + Exchange.respond/_answer send: the stored fields without
+        # Age and X-Request-Id (serialised once per stored head), then Age, our
+        # Cache-Status member and the length; the proxy adds X-Request-Id.
+        wire = entry.wire
+        if wire is None or wire[0] is not entry.headers:
+            parts = [status_line(entry.status, b"")]
+            for name, value in entry.headers:
+                if name != b"age" and name != b"x-request-id":
+                    parts += (name, b": ", value, b"\r\n")
+            wire = entry.wire = (entry.headers, b"".join(parts))
+        body = entry.body
+        if len(body) > 1:
+            entry.body = body = [b"".join(body)]
+        data = body[0] if body else b""
+        whole_age = min(int(age), 2_147_483_648)
+        whole_ttl = math.floor(ttl)
+        memo = entry.hit_head
+        if memo is not None and memo[0] is wire and memo[1] == whole_age and memo[2] == whole_ttl:
+            head = memo[3]
+        else:
+            if entry.status != 204 and entry.status != 304:
+                tail = (
+                    b"age: %d\r\ncache-status: fastedge; hit; ttl=%d\r\ncontent-length: %d\r\n"
+                    % (
+                        whole_age,
+                        whole_ttl,
+                        len(data),
+                    )
+                )
+            else:
+                tail = b"age: %d\r\ncache-status: fastedge; hit; ttl=%d\r\n" % (
+                    whole_age,
+                    whole_ttl,
+                )
+            head = wire[1] + tail
+            entry.hit_head = (wire, whole_age, whole_ttl, head)
+        return ExpressReply(entry.status, head, data)
 
     def _prepare_forward(self, ctx: FilterContext, pending: _Pending, entry: Entry | None) -> None:
         """Swap the client's conditionals for the stored entry's validators."""
@@ -593,7 +674,7 @@ class CacheFilter:
 
     def _from_entry(
         self,
-        ctx: FilterContext,
+        ctx: FilterContext | None,
         entry: Entry,
         age: float,
         member: bytes,

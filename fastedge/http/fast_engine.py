@@ -59,7 +59,7 @@ from fastedge.http.engine import (
     ResponseHead,
 )
 
-__all__ = ["FAST_ENGINE", "FastClientCodec", "FastEngine", "FastServerCodec"]
+__all__ = ["FAST_ENGINE", "FastClientCodec", "FastEngine", "FastServerCodec", "status_line"]
 
 _V10: Final = b"1.0"
 _V11: Final = b"1.1"
@@ -94,7 +94,7 @@ _UNTIL_CLOSE: Final = 3
 _MAX_UPSTREAM_HEAD: Final = 64 * 1024
 
 
-def _status_line(status: int, reason: bytes) -> bytes:
+def status_line(status: int, reason: bytes) -> bytes:
     """``HTTP/1.1 <status> <reason>\\r\\n``; an empty ``reason`` gets the standard phrase."""
     if not reason:
         line = _STATUS_LINES.get(status)
@@ -418,7 +418,7 @@ class FastServerCodec:
         """Serialise an interim 1xx response (RFC 9110 §15.2)."""
         if status == 100 and not headers:
             return _CONTINUE
-        parts = [_status_line(status, _EMPTY)]
+        parts = [status_line(status, _EMPTY)]
         for name, value in headers or ():
             parts += (name, _COLON, value, _CRLF)
         parts.append(_CRLF)
@@ -430,7 +430,7 @@ class FastServerCodec:
         """Serialise the final response head and choose its framing (RFC 9112 §6.3)."""
         line = _STATUS_LINES.get(status)
         if line is None or (reason and reason != _REASONS[status]):
-            line = _status_line(status, reason)
+            line = status_line(status, reason)
         parts = [line]
         content_length: bytes | None = None
         for name, value in headers:

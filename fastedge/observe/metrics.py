@@ -211,14 +211,9 @@ class Metrics:
 
     # -- recording (hot path) ----------------------------------------------------------------
 
-    def observe_request(
-        self,
-        route: str,
-        method: str,
-        status: int,
-        total_seconds: float,
-        upstream_seconds: float | None,
-    ) -> None:
+    # A type comment, not annotations: the compiled build declares this method cpdef in
+    # metrics.pxd, and Cython refuses annotated arguments that differ from it.
+    def observe_request(self, route, method, status, total_seconds, upstream_seconds):  # type: (str, str, int, float, float | None) -> None
         """Record one answered request.
 
         ``route`` must come from configuration (a route name or prefix, or a fixed

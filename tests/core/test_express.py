@@ -93,6 +93,10 @@ def assert_request_parity(req: Any, data: bytes, limits: Limits = LIMITS) -> Non
         question + query,
     )
     assert (req.host, req.keep_alive, req.data) == (host, head.keep_alive, data)
+    # The fields as the codec reports them (what filters answering from memory see).
+    assert req.headers() == head.headers
+    sensitive = {b"cache-control", b"if-none-match", b"if-modified-since"}
+    assert req.cache_sensitive == any(n in sensitive for n, _ in head.headers)
 
 
 def assert_response_parity(
@@ -254,6 +258,9 @@ ACCEPTED_REQUESTS = {
     "target-two-questions": request(b"Host: a", line=b"GET /a?b?c HTTP/1.1"),
     "tchar-name": request(b"Host: a", b"!#$%&'*+-.^_`|~09AZaz: v"),
     "max-fields": request(b"Host: a", *[b"X-F%d: %d" % (i, i) for i in range(99)]),
+    "cache-control": request(b"Host: a", b"Cache-Control: no-cache"),
+    "conditionals": request(b"Host: a", b'If-None-Match: "x"', b"IF-MODIFIED-SINCE: y"),
+    "cache-looking-names": request(b"Host: a", b"X-Cache-Control: 1", b"If-Match: *"),
 }
 
 
@@ -720,8 +727,9 @@ def same_request(a: Any, b: Any) -> None:
     assert (a is None) == (b is None)
     if a is None:
         return
-    attrs = ("method", "target", "path", "query", "host", "keep_alive", "data")
+    attrs = ("method", "target", "path", "query", "host", "keep_alive", "cache_sensitive", "data")
     assert [getattr(a, n) for n in attrs] == [getattr(b, n) for n in attrs]
+    assert a.headers() == b.headers()
     wire_a, wire_b = a.compose(b"/t"), b.compose(b"/t")
     if a.request_id != b.request_id:
         assert FRESH_ID.fullmatch(a.request_id) and FRESH_ID.fullmatch(b.request_id)

@@ -1,0 +1,8 @@
+# Cython declarations for fastedge/observe/metrics.py (compiled in pure-Python mode):
+# the registry as a C struct, so that the data path's per-request observe_request is a
+# C call on typed dicts (the express lane cimports it through fastedge/proxy.pxd).
+
+cdef class Metrics:
+    cdef public dict _requests, _total, _upstream, _counters, _descriptions
+    cdef public list _collectors
+    cpdef observe_request(self, route, method, status, total_seconds, upstream_seconds)
