@@ -31,7 +31,6 @@ from collections.abc import Awaitable, Coroutine
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, cast
 
-from fastedge._core import scan_request, scan_response
 from fastedge.errors import Kind, ProxyError, error_response
 from fastedge.filters import FilterChain, FilterContext, Response
 from fastedge.http.engine import (
@@ -54,6 +53,18 @@ from fastedge.observe.tracing import Span, SpanKind, StatusCode, Tracer
 if TYPE_CHECKING:
     # Aliased: the compiled build cimports the class under its own name (proxy.pxd).
     from fastedge._core import ExpressRequest as _ExpressRequest
+    from fastedge._core import scan_request, scan_response
+else:
+    # Not through the fastedge._core selector: a compiled proxy (a .so is imported
+    # whatever FASTEDGE_NO_EXTENSIONS says) is typed against the compiled scanners'
+    # ExpressRequest (proxy.pxd), so it must use them; only a pure-Python build, which
+    # has no compiled scanners, takes the twin.
+    try:
+        from fastedge._core.express import scan_request, scan_response
+    except ImportError:
+        from fastedge._core.express_py import scan_request, scan_response
+
+if TYPE_CHECKING:
     from fastedge.gateway import Gateway, Target, Upstream
     from fastedge.router import Route
 

@@ -64,3 +64,22 @@ def test_express_lane_scanners_follow_the_build() -> None:
     )
     for fn in (core.scan_request, core.scan_response, core.new_request_id):
         assert getattr(fn, "__module__", None) == expected, fn
+
+
+def test_compiled_proxy_keeps_the_compiled_scanners_when_python_is_asked_for() -> None:
+    # A compiled fastedge.proxy is imported whatever FASTEDGE_NO_EXTENSIONS says, and it
+    # is typed against the compiled ExpressRequest: it must not pick up the twin then
+    # (it did once: every express request failed with a TypeError at run time).
+    import fastedge.proxy
+
+    if not str(fastedge.proxy.__file__).endswith(".so"):
+        return  # a pure-Python build: the twin is all there is
+    code = "import fastedge.proxy as p; print(p.scan_request.__module__)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "FASTEDGE_NO_EXTENSIONS": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert out == "fastedge._core.express"
