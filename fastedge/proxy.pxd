@@ -79,7 +79,7 @@ cdef class ClientConnection:
     cpdef Exchange express_promote(self)
     cpdef _express_idle(self, ExpressSettings lane)
     @cython.locals(req=ExpressRequest, lane=ExpressSettings)
-    cpdef _express_answer(self, ExpressSettings lane, ExpressRequest req, route, reply)
+    cpdef _express_answer(self, ExpressSettings lane, ExpressRequest req, route, tuple reply)
 
 
 cdef class Exchange:

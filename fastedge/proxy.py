@@ -839,8 +839,7 @@ class ClientConnection:
         self.gateway = lane.gateway
         self.requests += 1
         self.head_started = 0.0
-        status = reply.status
-        body = reply.body
+        status, head, body = reply
         close = (
             not req.keep_alive
             or self.closing
@@ -854,7 +853,7 @@ class ClientConnection:
         transport.write(
             b"".join(
                 (
-                    reply.head,
+                    head,
                     b"x-request-id: ",
                     req.request_id,
                     b"\r\nconnection: close\r\n\r\n" if close else b"\r\n\r\n",

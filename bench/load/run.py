@@ -535,6 +535,20 @@ def _aiohttp_command(
     ]
 
 
+def _uvloop_relay_command(
+    workdir: Path, port: int, upstream_port: int, tools: dict[str, str]
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "bench.load.uvloop_relay",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        f"127.0.0.1:{upstream_port}",
+    ]
+
+
 def _fastedge_command(
     workdir: Path, port: int, upstream_port: int, tools: dict[str, str]
 ) -> list[str]:
@@ -547,6 +561,9 @@ PROXIES: dict[str, ProxySpec] = {
         ProxySpec("nginx", _nginx_command),
         ProxySpec("haproxy", _haproxy_command),
         ProxySpec("aiohttp", _aiohttp_command),
+        # The ceiling for Python: uvloop + httptools copying bytes, nothing else
+        # (bench/load/uvloop_relay.py); the small scenario is what it is a ceiling for.
+        ProxySpec("uvloop-relay", _uvloop_relay_command, scenarios=("small",)),
         ProxySpec("fastedge", _fastedge_command),
         # Issue 9's fastedge variants (bench/load/variants.py), compared with their
         # baselines in the report's second table.

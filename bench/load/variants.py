@@ -173,6 +173,8 @@ COMPARISONS: tuple[Comparison, ...] = (
     Comparison("plain proxy vs HAProxy", "fastedge", "haproxy", "small", goal=">= 1.0x"),
     Comparison("plain proxy p99 vs nginx p99", "fastedge", "nginx", "small", "p99", "<= 1.5x"),
     Comparison("64 KiB vs nginx", "fastedge", "nginx", "64KiB"),
+    # How much of the Python ceiling (uvloop + httptools copying bytes) fastedge reaches.
+    Comparison("plain proxy vs a bare uvloop relay", "fastedge", "uvloop-relay", "small"),
     Comparison(
         "full policy chain vs nginx plain", "fastedge-chain", "nginx", "small", goal=">= 0.7x"
     ),

@@ -165,6 +165,10 @@ class CacheStore:
         self.clock = clock
         self._lru = LRUCache(max_entries, max_bytes=max_bytes, on_evict=self._evicted)
         self._index: dict[bytes, Variants] = {}
+        # Bumped by every change of which key a request selects (a commit, a refresh,
+        # a purge, a forgotten or evicted key): memos of key lookups are valid while it
+        # holds (the express lane's hot-object memo in filters/cache.py).
+        self.generation = 0
         self.fills_started = 0
         self.fills_committed = 0
         self.fills_aborted = 0
@@ -198,6 +202,12 @@ class CacheStore:
         key = primary + b"\0" + (secondary_key(vary, request.headers()) if vary else b"")
         entry: Entry | None = self._lru.peek(key, None, now=now)
         return None if entry is None else (key, entry)
+
+    def peek_key(self, key: bytes, now: float) -> Entry | None:
+        """The entry under a full key from :meth:`peek_request`, without recency or
+        statistics (``None`` once it expired or was evicted)."""
+        entry: Entry | None = self._lru.peek(key, None, now=now)
+        return entry
 
     def touch(self, key: bytes, now: float) -> Entry | None:
         """:meth:`lookup`'s recency and statistics for a key from :meth:`peek_request`."""
@@ -263,6 +273,7 @@ class CacheStore:
         return filler
 
     def _commit(self, entry: Entry, *, keep: float, now: float | None) -> bool:
+        self.generation += 1
         now = self._now(now)
         entry.stored_at = now
         variants = self._index.get(entry.primary)
@@ -337,6 +348,7 @@ class CacheStore:
         entry.response_time = response_time
         entry.stored_at = now
         entry.size = _entry_size(entry.headers, entry.body_length)
+        self.generation += 1
         if not self._lru.set(entry.key, entry, size=entry.size, ttl=keep, now=now):
             self._forget(entry.primary, entry.key)
             return False
@@ -346,6 +358,7 @@ class CacheStore:
 
     def purge(self, key: bytes) -> int:
         """Remove a primary key's variants, or one variant by its full key; the count."""
+        self.generation += 1
         variants = self._index.pop(key, None)
         if variants is not None:
             removed = sum(1 for k in variants.keys if self._lru.pop(k, None) is not None)
@@ -366,6 +379,7 @@ class CacheStore:
 
     def clear(self) -> None:
         """Remove everything (statistics are kept)."""
+        self.generation += 1
         self._lru.clear()
         self._index.clear()
 
@@ -392,6 +406,7 @@ class CacheStore:
         return self.clock() if now is None else now
 
     def _forget(self, primary: bytes, key: bytes) -> None:
+        self.generation += 1
         variants = self._index.get(primary)
         if variants is not None:
             variants.keys.discard(key)

@@ -394,6 +394,7 @@ class CacheFilter:
 
     __slots__ = (
         "_cc_override",
+        "_hot",
         "_prefixes",
         "_route_upstream",
         "_sie_statuses",
@@ -417,6 +418,8 @@ class CacheFilter:
         self.shared = shared
         self._route_upstream = route_upstream
         self._prefixes: dict[tuple[bytes, bytes], bytes] = {}
+        # The express lane's last hit: (scheme, host, target, store generation, full key).
+        self._hot: tuple[bytes, bytes, bytes, int, bytes] | None = None
         self._sie_statuses = settings.stale_if_error_statuses
         self._cc_override = (
             parse_cache_control([settings.override.encode("latin-1", "replace")])
@@ -504,15 +507,32 @@ class CacheFilter:
         if req.cache_sensitive:
             return None
         cache = self.cache
-        now = cache.clock()
-        primary = self._primary_key(scheme, req.host, req.path, req.query, upstream)
         store = cache.store
+        now = store.clock()
         # Peeked first: a declined request must not touch recency or hit statistics,
         # which on_request's own lookup then updates.
-        found = store.peek_request(primary, req, now)
-        if found is None:
-            return None
-        key, entry = found
+        hot = self._hot
+        if (
+            hot is not None
+            and hot[3] == store.generation
+            and hot[2] == req.target
+            and hot[1] == req.host
+            and hot[0] == scheme
+        ):
+            # The same URL as the last hit, and no stored key changed since: the same
+            # full key (no Vary), without building the primary key again.
+            key = hot[4]
+            entry = store.peek_key(key, now)
+            if entry is None:
+                return None
+        else:
+            primary = self._primary_key(scheme, req.host, req.path, req.query, upstream)
+            found = store.peek_request(primary, req, now)
+            if found is None:
+                return None
+            key, entry = found
+            if not entry.vary:  # else the key depends on the request's fields too
+                self._hot = (scheme, req.host, req.target, store.generation, key)
         resp = entry.cc
         if resp.no_cache and not resp.no_cache_fields:
             return None  # decide(): revalidate first
@@ -558,7 +578,7 @@ class CacheFilter:
                 )
             head = wire[1] + tail
             entry.hit_head = (wire, whole_age, whole_ttl, head)
-        return ExpressReply(entry.status, head, data)
+        return (entry.status, head, data)
 
     def _prepare_forward(self, ctx: FilterContext, pending: _Pending, entry: Entry | None) -> None:
         """Swap the client's conditionals for the stored entry's validators."""
