@@ -36,7 +36,8 @@ import pytest
 from fastedge.cache.edge import SERVICE, EdgeCache
 from fastedge.config import parse_config
 from fastedge.server import ProxyServer
-from tests.conftest import Client, Response
+from tests.conftest import Response
+from tests.raw_client import RawClient
 
 TOKEN = "express-cache-admin-token"
 HOST = "example.test"
@@ -149,42 +150,6 @@ class _OriginProtocol(asyncio.Protocol):
             self.origin.requests.append(request)
             method, target, _ = lines[0].split(b" ")
             self.transport.write(self.origin.answer(method, target, fields))
-
-
-# --- a client that keeps the exact bytes ----------------------------------------------------
-
-
-class _Recorder:
-    """Wraps a stream reader and keeps every byte read (the raw responses)."""
-
-    def __init__(self, reader: asyncio.StreamReader) -> None:
-        self.reader = reader
-        self.seen = bytearray()
-
-    async def read(self, n: int) -> bytes:
-        data = await self.reader.read(n)
-        self.seen += data
-        return data
-
-
-class RawClient(Client):
-    """:class:`tests.conftest.Client` that also returns each response's exact bytes."""
-
-    recorder: _Recorder
-
-    @classmethod
-    async def open(cls, port: int) -> RawClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        recorder = _Recorder(reader)
-        client = cls(cast(asyncio.StreamReader, recorder), writer)
-        client.recorder = recorder
-        return client
-
-    async def response(self, method: bytes) -> tuple[Response, bytes]:
-        resp = await self.read_response(method=method)
-        raw = bytes(self.recorder.seen)
-        self.recorder.seen.clear()
-        return resp, raw
 
 
 # --- scenarios ------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import pytest
 from fastedge.config import parse_config
 from fastedge.server import ProxyServer
 from tests.conftest import Client, Response
+from tests.raw_client import RawClient
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[ProxyServer]]
 
@@ -284,41 +285,6 @@ def document(
             {"prefix": "/get-only", "methods": ["GET"], "upstream": "origin", "rewrite": "/g"},
         ],
     }
-
-
-class _Recorder:
-    """Wraps a client's stream reader and keeps every byte read (the raw response)."""
-
-    def __init__(self, reader: asyncio.StreamReader) -> None:
-        self.reader = reader
-        self.seen = bytearray()
-
-    async def read(self, n: int) -> bytes:
-        data = await self.reader.read(n)
-        self.seen += data
-        return data
-
-
-class RawClient(Client):
-    """:class:`Client` that also returns each response's exact bytes."""
-
-    recorder: _Recorder
-
-    @classmethod
-    async def open(cls, port: int) -> RawClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        recorder = _Recorder(reader)
-        client = cls(cast(asyncio.StreamReader, recorder), writer)
-        client.recorder = recorder
-        return client
-
-    async def exchange(self, data: bytes, *, method: bytes = b"GET") -> tuple[Response, bytes]:
-        """Send ``data`` (one request), return the response parsed and as bytes."""
-        await self.send(data)
-        resp = await self.read_response(method=method)
-        raw = bytes(self.recorder.seen)
-        self.recorder.seen.clear()
-        return resp, raw
 
 
 def request(target: str, rid: str, extra: str = "", method: str = "GET") -> bytes:
