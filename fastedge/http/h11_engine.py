@@ -177,10 +177,17 @@ def _split_fields(head: bytes) -> Headers:
     return fields
 
 
-def _target_too_long(request_line: bytes | bytearray, limits: Limits) -> bool:
-    """Whether the request-target in a (possibly partial) request line is over the limit."""
-    parts = request_line.split(b" ", 2)
-    return len(parts) > 1 and len(parts[1]) > limits.max_uri_bytes
+def _target_overflow(raw: bytes | bytearray, line_stop: int, limits: Limits) -> int:
+    """Where the request-target in a (possibly partial) request line ``raw[:line_stop]``
+    goes past ``max_uri_bytes``: the index of its first byte over the limit, or -1."""
+    first = raw.find(b" ", 0, line_stop)
+    if first < 0:
+        return -1
+    start = first + 1
+    end = raw.find(b" ", start, line_stop)
+    if end < 0:
+        end = line_stop
+    return start + limits.max_uri_bytes if end - start > limits.max_uri_bytes else -1
 
 
 def _request_line(head: bytes) -> tuple[bytes, bytes, bytes]:
@@ -423,19 +430,19 @@ class H11ServerCodec:
         end = found + 4 if found >= 0 else -1
         if not self._line_checked:
             line_end = raw.find(b"\r\n")
-            # A bad byte in the request line outranks its length, so the verdict does not
-            # depend on how the bytes were split across reads (a NUL seen alone is a 400).
             # (a CR at the very end may be followed by its LF in the next piece)
             line_stop = line_end if line_end >= 0 else len(raw) - (raw[-1:] == b"\r")
             bad = _BAD_HEAD.search(raw, max(0, self._scanned - 2), line_stop)
-            if bad is not None:
+            over = _target_overflow(raw, line_stop, limits)
+            # Whichever comes first in the bytes decides, a bad byte (400) or the byte
+            # that takes the target past its limit (414): the verdict must not depend on
+            # how the bytes were split across reads (a piece may end between the two).
+            if bad is not None and (over < 0 or bad.start() < over):
                 return ProtocolError(400, f"malformed request: {bytes(bad[0])!r} in the head"), -1
+            if over >= 0:
+                return ProtocolError(414, "request-target too long"), -1
             if line_end >= 0:
                 self._line_checked = True
-                if _target_too_long(raw[:line_end], limits):
-                    return ProtocolError(414, "request-target too long"), -1
-            elif len(raw) > limits.max_uri_bytes and _target_too_long(raw, limits):
-                return ProtocolError(414, "request-target too long"), -1
         if end < 0 and len(raw) > limits.max_head_bytes:
             return ProtocolError(431, "request head too large"), -1
         # A CR at the very end may be followed by its LF in the next piece.
