@@ -91,50 +91,9 @@ cdef inline bint _is(const unsigned char* p, Py_ssize_t n, const char* lit, Py_s
     return True
 
 
-cdef int _request_kind(const unsigned char* p, Py_ssize_t n) noexcept nogil:
-    if n == 4 and _is(p, n, b"host", 4):
-        return K_HOST
-    if n == 10:
-        if _is(p, n, b"connection", 10):
-            return K_CONN
-        if _is(p, n, b"keep-alive", 10):
-            return K_DROP
-    if n == 15 and _is(p, n, b"x-forwarded-for", 15):
-        return K_XFF
-    if n == 3 and _is(p, n, b"via", 3):
-        return K_VIA
-    if n == 12 and _is(p, n, b"x-request-id", 12):
-        return K_XRID
-    if n == 5 and _is(p, n, b"close", 5):
-        return K_CLOSE_NAME
-    if (
-        _is(p, n, b"content-length", 14)
-        or _is(p, n, b"transfer-encoding", 17)
-        or _is(p, n, b"upgrade", 7)
-        or _is(p, n, b"expect", 6)
-    ):
-        return K_REFUSE
-    if _is(p, n, b"proxy-connection", 16):
-        return K_PROXY_CONN
-    if (
-        _is(p, n, b"cache-control", 13)
-        or _is(p, n, b"if-none-match", 13)
-        or _is(p, n, b"if-modified-since", 17)
-    ):
-        return K_CACHE
-    if (
-        _is(p, n, b"te", 2)
-        or _is(p, n, b"trailer", 7)
-        or _is(p, n, b"x-forwarded-proto", 17)
-        or _is(p, n, b"x-forwarded-host", 16)
-    ):
-        return K_DROP
-    return K_OTHER
-
-
-cdef int _response_kind(const unsigned char* p, Py_ssize_t n) noexcept nogil:
-    if n == 14 and _is(p, n, b"content-length", 14):
-        return K_CL
+cdef int _hop_kind(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """The fields both directions treat alike (hop-by-hop, Via, X-Request-Id, a field
+    named ``close``); K_OTHER for any other name."""
     if n == 10:
         if _is(p, n, b"connection", 10):
             return K_CONN
@@ -150,9 +109,38 @@ cdef int _response_kind(const unsigned char* p, Py_ssize_t n) noexcept nogil:
         return K_REFUSE
     if _is(p, n, b"proxy-connection", 16):
         return K_PROXY_CONN
-    if _is(p, n, b"te", 2) or _is(p, n, b"trailer", 7) or _is(p, n, b"expect", 6):
+    if _is(p, n, b"te", 2) or _is(p, n, b"trailer", 7):
         return K_DROP
     return K_OTHER
+
+
+cdef int _request_kind(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    if n == 4 and _is(p, n, b"host", 4):
+        return K_HOST
+    if n == 15 and _is(p, n, b"x-forwarded-for", 15):
+        return K_XFF
+    if _is(p, n, b"content-length", 14) or _is(p, n, b"expect", 6):
+        return K_REFUSE  # a body, or 100-continue: the general path's
+    cdef int kind = _hop_kind(p, n)
+    if kind != K_OTHER:
+        return kind
+    if (
+        _is(p, n, b"cache-control", 13)
+        or _is(p, n, b"if-none-match", 13)
+        or _is(p, n, b"if-modified-since", 17)
+    ):
+        return K_CACHE
+    if _is(p, n, b"x-forwarded-proto", 17) or _is(p, n, b"x-forwarded-host", 16):
+        return K_DROP  # set by this hop from what it saw
+    return K_OTHER
+
+
+cdef int _response_kind(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    if n == 14 and _is(p, n, b"content-length", 14):
+        return K_CL
+    if n == 6 and _is(p, n, b"expect", 6):
+        return K_DROP
+    return _hop_kind(p, n)
 
 
 cdef Py_ssize_t _fields(
