@@ -17,6 +17,7 @@ NO_EXTENSIONS: bool = os.environ.get("FASTEDGE_NO_EXTENSIONS", "") not in ("", "
 if TYPE_CHECKING:  # the .pyi stubs of the compiled modules are the typed contract
     from .express import ExpressRequest as ExpressRequest
     from .express import new_request_id as new_request_id
+    from .express import new_root_trace as new_root_trace
     from .express import scan_request as scan_request
     from .express import scan_response as scan_response
     from .hashring import HashRing as HashRing
@@ -30,7 +31,13 @@ else:
     USING_EXTENSIONS = False
     if not NO_EXTENSIONS:
         try:
-            from .express import ExpressRequest, new_request_id, scan_request, scan_response
+            from .express import (
+                ExpressRequest,
+                new_request_id,
+                new_root_trace,
+                scan_request,
+                scan_response,
+            )
             from .hashring import HashRing
             from .lru import LRUCache
             from .ratelimit import SlidingWindow, TokenBucket
@@ -40,7 +47,13 @@ else:
         except ImportError:  # not compiled (e.g. a source checkout without build_ext)
             USING_EXTENSIONS = False
     if not USING_EXTENSIONS:
-        from .express_py import ExpressRequest, new_request_id, scan_request, scan_response
+        from .express_py import (
+            ExpressRequest,
+            new_request_id,
+            new_root_trace,
+            scan_request,
+            scan_response,
+        )
         from .hashring_py import HashRing
         from .lru_py import LRUCache
         from .ratelimit_py import SlidingWindow, TokenBucket
@@ -56,6 +69,7 @@ __all__ = [
     "SlidingWindow",
     "TokenBucket",
     "new_request_id",
+    "new_root_trace",
     "scan_request",
     "scan_response",
 ]

@@ -4,6 +4,7 @@
 
 cdef class ExpressRequest:
     cdef readonly bytes method, target, path, query, host, request_id, data
-    cdef readonly bint keep_alive, cache_sensitive
+    cdef readonly bint keep_alive, cache_sensitive, traced
+    cdef readonly object authorization  # bytes, or None (absent or sent twice)
     cdef bytes _block  # the rewritten fields, each ending in CRLF
     cdef Py_ssize_t _fields_at  # where the first field line starts in data

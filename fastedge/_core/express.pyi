@@ -9,12 +9,20 @@ exactly the bytes the general path (``FastServerCodec``/``FastClientCodec`` and
 ``fastedge.http.headers``) would send.
 """
 
-__all__ = ["ExpressRequest", "new_request_id", "scan_request", "scan_response"]
+__all__ = ["ExpressRequest", "new_request_id", "new_root_trace", "scan_request", "scan_response"]
 
 def new_request_id() -> bytes:
     """A process-unique request id: 12 hex digits of per-process randomness
     (``os.urandom(6)`` at import), then a counter from 1 as at least 10 lower-case hex
     digits (``b"%s%010x" % (prefix, n)``)."""
+
+def new_root_trace(bound: int) -> tuple[str, str | None, bytes | None]:
+    """A new trace for a request without a caller's context, sampled as
+    ``TraceIdRatio`` with this ``bound`` (``round(ratio * 2**64)``) would: when the trace
+    id's right-most 8 bytes, big-endian, are below it. ``(trace_id, None, None)`` when
+    sampled; else ``(trace_id, span_id, line)``, ``line`` being the ``traceparent`` field
+    line (CRLF included) of an unsampled span without a parent. Ids are random (from
+    ``os.urandom``), lower-case hex, never all zero."""
 
 class ExpressRequest:
     """One simple request head, scanned and rewritten for the upstream; created by
@@ -49,11 +57,22 @@ class ExpressRequest:
     @property
     def data(self) -> bytes:
         """The bytes scanned: the whole request."""
-    def compose(self, target: bytes) -> bytes:
+    @property
+    def authorization(self) -> bytes | None:
+        """The ``Authorization`` value (trimmed) when exactly one was sent, else
+        ``None`` (none, or more than one: the general path answers those)."""
+    @property
+    def traced(self) -> bool:
+        """A ``traceparent`` or ``tracestate`` field was sent (kept like any other)."""
+    def compose(
+        self, target: bytes, drop: tuple[bytes, ...] | None = None, extra: bytes | None = None
+    ) -> bytes:
         """The upstream request head for ``target``: ``METHOD target HTTP/1.1``, the
         rewritten fields (hop-by-hop ones dropped; ``x-forwarded-for``,
         ``x-forwarded-proto``, ``x-forwarded-host``, ``via``, ``x-request-id`` appended)
-        and the blank line."""
+        except those named in ``drop`` (lower-case names), then ``extra`` (whole field
+        lines, each ending in CRLF: what an auth policy or a tracer adds) and the blank
+        line."""
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """Every field as the codec would report it: ``(lower-cased name, trimmed value)``

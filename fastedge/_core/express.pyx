@@ -67,6 +67,8 @@ cdef enum:
     K_CLOSE_NAME = 9  # a field named "close": nominated away by "Connection: close"
     K_PROXY_CONN = 10  # llhttp reads it as Connection: only "keep-alive" is plain
     K_CACHE = 11  # kept; a cache must look at it (Cache-Control, conditionals)
+    K_AUTH = 12  # kept; its value is handed to an auth policy (Authorization)
+    K_TRACE = 13  # kept; a tracer must look at it (traceparent, tracestate)
 
 cdef struct Field:
     Py_ssize_t name
@@ -130,6 +132,10 @@ cdef int _request_kind(const unsigned char* p, Py_ssize_t n) noexcept nogil:
         or _is(p, n, b"if-modified-since", 17)
     ):
         return K_CACHE
+    if n == 13 and _is(p, n, b"authorization", 13):
+        return K_AUTH
+    if _is(p, n, b"traceparent", 11) or _is(p, n, b"tracestate", 10):
+        return K_TRACE
     if _is(p, n, b"x-forwarded-proto", 17) or _is(p, n, b"x-forwarded-host", 16):
         return K_DROP  # set by this hop from what it saw
     return K_OTHER
@@ -221,6 +227,32 @@ cdef inline char* _put_field(char* w, const unsigned char* p, Field* f) noexcept
     return w + 2
 
 
+cdef char* _put_kept(char* w, const unsigned char* block, Py_ssize_t n, tuple drop) except NULL:
+    """Copy the field lines of ``block`` (our own output: lower-case names, CRLF
+    endings) except those whose name is in ``drop``."""
+    cdef Py_ssize_t pos = 0, colon, eol, nlen
+    cdef bint keep
+    cdef object name
+    while pos < n:
+        colon = pos
+        while block[colon] != 58:
+            colon += 1
+        eol = colon
+        while block[eol] != 10:
+            eol += 1
+        eol += 1
+        keep = True
+        for name in drop:
+            nlen = PyBytes_GET_SIZE(name)
+            if nlen == colon - pos and memcmp(PyBytes_AS_STRING(name), block + pos, nlen) == 0:
+                keep = False
+                break
+        if keep:
+            w = _put(w, block + pos, eol - pos)
+        pos = eol
+    return w
+
+
 # --------------------------------------------------------------------------------------
 # Request ids (shared with fastedge.http.headers.new_request_id: one counter per process)
 # --------------------------------------------------------------------------------------
@@ -259,6 +291,84 @@ def new_request_id():
 
 
 # --------------------------------------------------------------------------------------
+# Trace contexts for traced express requests (fastedge.observe.tracing for the model)
+# --------------------------------------------------------------------------------------
+cdef enum:
+    RANDOM_POOL = 4096
+
+cdef unsigned char _random[RANDOM_POOL]
+cdef Py_ssize_t _random_at = RANDOM_POOL
+
+
+def _fresh_pool_after_fork():
+    # A forked worker must not hand out the ids its parent will also use.
+    global _random_at
+    _random_at = RANDOM_POOL
+
+
+os.register_at_fork(after_in_child=_fresh_pool_after_fork)
+
+
+cdef int _draw(unsigned char* out, Py_ssize_t n) except -1:
+    """``n`` random bytes, never all zero (W3C Trace Context: an all-zero id is invalid),
+    from os.urandom drawn 4 KiB at a time."""
+    global _random_at
+    cdef Py_ssize_t i
+    cdef bytes fresh
+    while True:
+        if _random_at + n > RANDOM_POOL:
+            fresh = os.urandom(RANDOM_POOL)
+            memcpy(_random, PyBytes_AS_STRING(fresh), RANDOM_POOL)
+            _random_at = 0
+        memcpy(out, _random + _random_at, n)
+        _random_at += n
+        for i in range(n):
+            if out[i]:
+                return 0
+
+
+cdef inline void _hex(char* w, const unsigned char* src, Py_ssize_t n) noexcept:
+    cdef Py_ssize_t i
+    for i in range(n):
+        w[2 * i] = _HEX[src[i] >> 4]
+        w[2 * i + 1] = _HEX[src[i] & 15]
+
+
+def new_root_trace(object bound not None):
+    """A new trace for a request without a caller's context, sampled as
+    ``TraceIdRatio`` with this ``bound`` (``round(ratio * 2**64)``) would: when the trace
+    id's right-most 8 bytes, big-endian, are below it.
+
+    ``(trace_id, None, None)`` when sampled (the general path records it under that id);
+    else ``(trace_id, span_id, line)`` with ``line`` the ``traceparent`` field line
+    ``Tracer.inject`` writes for an unsampled span without a parent (CRLF included).
+    """
+    cdef unsigned char tid[16]
+    cdef unsigned char sid[8]
+    cdef char text[32]
+    cdef unsigned long long low = 0
+    cdef int i
+    _draw(tid, 16)
+    for i in range(8, 16):
+        low = (low << 8) | tid[i]
+    _hex(text, tid, 16)
+    trace_id = text[:32].decode("ascii")
+    if bound > low:
+        return (trace_id, None, None)
+    _draw(sid, 8)
+    _hex(text, sid, 8)
+    span_id = text[:16].decode("ascii")
+    cdef bytes line = PyBytes_FromStringAndSize(NULL, 70)
+    cdef char* w = PyBytes_AS_STRING(line)
+    w = _put(w, b"traceparent: 00-", 16)
+    _hex(w, tid, 16)
+    w[32] = 45  # '-'
+    _hex(w + 33, sid, 8)
+    _put(w + 49, b"-00\r\n", 5)
+    return (trace_id, span_id, line)
+
+
+# --------------------------------------------------------------------------------------
 # Requests
 # --------------------------------------------------------------------------------------
 cdef bytes _GET = b"GET"
@@ -273,20 +383,37 @@ cdef class ExpressRequest:
     def __init__(self):
         raise TypeError("ExpressRequest objects come from scan_request()")
 
-    def compose(self, bytes target not None):
-        """The upstream request: ``METHOD target HTTP/1.1``, the fields, the blank line."""
+    def compose(self, bytes target not None, tuple drop=None, bytes extra=None):
+        """The upstream request: ``METHOD target HTTP/1.1``, the fields without those
+        named in ``drop`` (lower-case names), ``extra`` (field lines, each ending in
+        CRLF), the blank line."""
         cdef Py_ssize_t mlen = PyBytes_GET_SIZE(self.method)
         cdef Py_ssize_t tlen = PyBytes_GET_SIZE(target)
         cdef Py_ssize_t blen = PyBytes_GET_SIZE(self._block)
-        cdef bytes out = PyBytes_FromStringAndSize(NULL, mlen + tlen + blen + 14)
-        cdef char* w = PyBytes_AS_STRING(out)
+        cdef Py_ssize_t xlen = 0 if extra is None else PyBytes_GET_SIZE(extra)
+        cdef object name
+        if drop:
+            for name in drop:
+                if type(name) is not bytes:
+                    raise TypeError("compose(): drop holds field names as bytes")
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, mlen + tlen + blen + xlen + 14)
+        cdef char* start = PyBytes_AS_STRING(out)
+        cdef char* w = start
         w = _put(w, PyBytes_AS_STRING(self.method), mlen)
         w[0] = 32
         w = _put(w + 1, PyBytes_AS_STRING(target), tlen)
         w = _put(w, b" HTTP/1.1\r\n", 11)
-        w = _put(w, PyBytes_AS_STRING(self._block), blen)
+        if drop:
+            w = _put_kept(w, <const unsigned char*>PyBytes_AS_STRING(self._block), blen, drop)
+        else:
+            w = _put(w, PyBytes_AS_STRING(self._block), blen)
+        if xlen:
+            w = _put(w, PyBytes_AS_STRING(extra), xlen)
         w[0] = 13
         w[1] = 10
+        if w + 2 - start != PyBytes_GET_SIZE(out):
+            # Lines were dropped: the bytes object is still private, so shrink it in place.
+            return out[: w + 2 - start]
         return out
 
     def headers(self):
@@ -328,8 +455,9 @@ def scan_request(
     cdef Py_ssize_t end = PyBytes_GET_SIZE(data)
     cdef Py_ssize_t pos, tstart, tend, qpos = -1, head_end, size, i
     cdef int count = 0, kind, limit
-    cdef int host_i = -1, xff_i = -1, via_i = -1, rid_i = -1
+    cdef int host_i = -1, xff_i = -1, via_i = -1, rid_i = -1, auth_i = -1, auths = 0
     cdef bint close = False, close_named = False, valid, cache_sensitive = False
+    cdef bint traced = False
     cdef bytes method
     cdef Field* f
     if end > max_head or end < 18:
@@ -378,6 +506,15 @@ def scan_request(
             cache_sensitive = True
             f.kind = K_OTHER
             size += f.name_len + f.value_len + 4
+        elif kind == K_AUTH:
+            auth_i = i
+            auths += 1
+            f.kind = K_OTHER
+            size += f.name_len + f.value_len + 4
+        elif kind == K_TRACE:
+            traced = True
+            f.kind = K_OTHER
+            size += f.name_len + f.value_len + 4
         elif kind == K_CONN:
             if not _connection_value(p, f, &close):
                 return None
@@ -413,6 +550,10 @@ def scan_request(
     req._fields_at = fields_at
     req.keep_alive = not close
     req.cache_sensitive = cache_sensitive
+    req.traced = traced
+    if auths == 1:
+        f = &fields[auth_i]
+        req.authorization = PyBytes_FromStringAndSize(<const char*>p + f.value, f.value_len)
     req.target = PyBytes_FromStringAndSize(<const char*>p + tstart, tend - tstart)
     if qpos < 0:
         req.path = req.target

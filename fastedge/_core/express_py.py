@@ -42,6 +42,9 @@ Accepted request heads (:func:`scan_request`; anything else gives ``None``):
   ``x-forwarded-host``. Every other field is kept in order (lower-cased name, trimmed
   value), then ``x-forwarded-for``, ``x-forwarded-proto``, ``x-forwarded-host``, ``via``
   and ``x-request-id`` are appended.
+* ``authorization``: kept; when there is exactly one, its value is ``authorization``
+  (for an auth policy on the lane). ``traceparent``/``tracestate``: kept; ``traced``
+  says one was sent (a tracer must then continue the caller's trace).
 
 Accepted responses (:func:`scan_response`; anything else gives ``None``):
 
@@ -67,6 +70,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Final
 
+from fastedge.observe.tracecontext import new_span_id, new_trace_id
+
 __all__ = ["ExpressRequest", "new_request_id", "scan_request", "scan_response"]
 
 # -- request ids ---------------------------------------------------------------------------
@@ -83,6 +88,23 @@ def new_request_id() -> bytes:
     restarts with overwhelming probability (48 random bits per process).
     """
     return b"%s%010x" % (_ID_PREFIX, next(_id_counter))
+
+
+def new_root_trace(bound: int) -> tuple[str, str | None, bytes | None]:
+    """A new trace for a request without a caller's context, sampled as
+    ``TraceIdRatio`` with this ``bound`` (``round(ratio * 2**64)``) would: when the trace
+    id's right-most 8 bytes, big-endian, are below it.
+
+    ``(trace_id, None, None)`` when sampled (the general path records it under that id);
+    else ``(trace_id, span_id, line)`` with ``line`` the ``traceparent`` field line
+    ``Tracer.inject`` writes for an unsampled span without a parent (CRLF included).
+    """
+    trace_id = new_trace_id()
+    if int(trace_id[16:], 16) < bound:
+        return (trace_id, None, None)
+    span_id = new_span_id()
+    line = b"traceparent: 00-%s-%s-00\r\n" % (trace_id.encode(), span_id.encode())
+    return (trace_id, span_id, line)
 
 
 # -- byte classes --------------------------------------------------------------------------
@@ -127,6 +149,7 @@ _RESPONSE_DROPPED: Final = frozenset((b"keep-alive", b"te", b"trailer", b"expect
 
 # Fields a cache must look at (request Cache-Control, conditionals): flagged, still kept.
 _CACHE_SENSITIVE: Final = frozenset((b"cache-control", b"if-none-match", b"if-modified-since"))
+_TRACE_FIELDS: Final = frozenset((b"traceparent", b"tracestate"))
 
 
 def _split_head(data: bytes) -> tuple[list[bytes], int] | None:
@@ -219,11 +242,24 @@ class ExpressRequest:
     """The bytes scanned: the whole request."""
     _block: bytes = field(repr=False)
     """The rewritten field lines, each ending in CRLF (no blank line)."""
+    authorization: bytes | None = None
+    """The ``Authorization`` value when exactly one was sent, else ``None``."""
+    traced: bool = False
+    """A ``traceparent`` or ``tracestate`` field was sent."""
 
-    def compose(self, target: bytes) -> bytes:
+    def compose(
+        self, target: bytes, drop: tuple[bytes, ...] | None = None, extra: bytes | None = None
+    ) -> bytes:
         """The upstream request head for ``target``: ``METHOD target HTTP/1.1``, the
-        rewritten fields and the blank line."""
-        return b"".join((self.method, b" ", target, b" HTTP/1.1\r\n", self._block, _CRLF))
+        rewritten fields except those named in ``drop`` (lower-case names), ``extra``
+        (field lines, each ending in CRLF) and the blank line."""
+        block = self._block
+        if drop and any(type(name) is not bytes for name in drop):
+            raise TypeError("compose(): drop holds field names as bytes")
+        if drop:
+            lines = block.split(_CRLF)[:-1]
+            block = b"".join(line + _CRLF for line in lines if line.partition(b":")[0] not in drop)
+        return b"".join((self.method, b" ", target, b" HTTP/1.1\r\n", block, extra or b"", _CRLF))
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """Every field as the codec would report it: ``(lower-cased name, trimmed value)``
@@ -283,6 +319,8 @@ def scan_request(
     close = False
     close_named = False
     cache_sensitive = False
+    authorization: list[bytes] = []
+    traced = False
     for name, value in fields:
         if name == b"host":
             if host is not None or not value:
@@ -320,6 +358,10 @@ def scan_request(
             close_named = True
         elif name in _CACHE_SENSITIVE:
             cache_sensitive = True
+        elif name == b"authorization":
+            authorization.append(value)
+        elif name in _TRACE_FIELDS:
+            traced = True
         kept.append(_line(name, value))
     if host is None or (close and close_named):
         return None
@@ -345,6 +387,8 @@ def scan_request(
         cache_sensitive=cache_sensitive,
         data=data,
         _block=b"".join(kept),
+        authorization=authorization[0] if len(authorization) == 1 else None,
+        traced=traced,
     )
 
 

@@ -821,3 +821,333 @@ def test_corpora(ex: ModuleType) -> None:
         if check_request(ex, variant) is not None
     ]
     assert accepted  # a few cases are plain GETs: the parity check did run
+
+
+# -- policy fields: authorization, traced, compose(drop, extra) ---------------------------
+
+
+def extra_fields(extra: bytes) -> list[tuple[bytes, bytes]]:
+    """The ``(name, value)`` pairs of ``extra`` (whole ``name: value`` lines, each ending
+    in CRLF), as a caller on the general path would append them to the header list."""
+    assert extra.endswith(b"\r\n") or not extra
+    pairs = []
+    for line in extra.split(b"\r\n")[:-1]:
+        name, sep, value = line.partition(b": ")
+        assert sep, line
+        pairs.append((name, value))
+    return pairs
+
+
+def general_compose(
+    req: Any, data: bytes, target: bytes, drop: tuple[bytes, ...], extra: bytes
+) -> bytes:
+    """What the general path sends for ``data`` with the fields named in ``drop`` left out
+    and ``extra``'s fields appended (proxy.py does the same to ``ex.up_headers``).
+
+    ``req`` supplies the request id when the client sent no valid one: each side then drew
+    a fresh id from its own counter (see assert_request_parity)."""
+    events = FastServerCodec(LIMITS).feed(data)
+    assert len(events) == 2, events
+    head = events[0]
+    assert isinstance(head, RequestHead)
+    headers, _, _ = rewrite_request_headers(head.headers, client_ip=CLIENT_IP, proto=PROTO, via=VIA)
+    if client_request_id(head.headers) is None:
+        assert headers[-1][0] == b"x-request-id"
+        headers[-1] = (b"x-request-id", req.request_id)
+    headers = [h for h in headers if h[0] not in drop] + extra_fields(extra)
+    return FastClientCodec(head.method).request_head(head.method, target, headers)
+
+
+def parsed_fields(wire: bytes) -> list[tuple[bytes, bytes]]:
+    """The fields of ``wire`` as llhttp reads them, asserting it is one complete request."""
+    events = FastServerCodec(LIMITS).feed(wire)
+    assert len(events) == 2, events  # one request, complete, no error, nothing after it
+    head, end = events
+    assert isinstance(head, RequestHead) and end is END
+    return head.headers
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (),
+        (b"Proxy-Authorization: Basic eA==",),  # another field: not the client's own
+        (b"X-Authorization: Bearer a",),
+        (b"Authorization-Extra: Bearer a",),
+        (b"Authorizatio: Bearer a",),
+    ],
+    ids=["none", "proxy-authorization", "prefixed", "suffixed", "shorter"],
+)
+def test_authorization_absent_is_none(ex: ModuleType, fields: tuple[bytes, ...]) -> None:
+    """Only a field named exactly ``Authorization`` counts; look-alike names do not."""
+    req = check_request(ex, request(b"Host: a", *fields))
+    assert req is not None and req.authorization is None
+
+
+@pytest.mark.parametrize(
+    ("line", "value"),
+    [
+        (b"Authorization: Bearer abc", b"Bearer abc"),
+        (b"authorization:Bearer abc", b"Bearer abc"),
+        (b"AUTHORIZATION: \t Bearer abc \t ", b"Bearer abc"),
+        (b"aUtHoRiZaTiOn:\tBasic  a\tb", b"Basic  a\tb"),  # inner whitespace is the value's
+        (b"Authorization:", b""),  # one empty field is still one field: not None
+        (b"Authorization: \t", b""),
+    ],
+)
+def test_authorization_single_value_trimmed(ex: ModuleType, line: bytes, value: bytes) -> None:
+    """One field: its value without surrounding OWS, whatever the case of its name, and
+    the request is forwarded with that field kept (parity with the general path)."""
+    data = request(b"Host: a", b"Accept: */*", line, b"X-Request-Id: r1")
+    req = check_request(ex, data)
+    assert req is not None
+    assert req.authorization == value
+    assert type(req.authorization) is bytes  # an empty value must not read as "absent"
+    # Kept in place, lower-cased and trimmed, as the codec would forward it.
+    assert b"\r\naccept: */*\r\nauthorization: %s\r\n" % value in req.compose(b"/")
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        (b"Authorization: Bearer a", b"Authorization: Bearer b"),
+        (b"Authorization: Bearer a", b"authorization: Bearer a"),  # same value: still two
+        (b"Authorization: Bearer a", b"X-A: 1", b"AUTHORIZATION:"),  # empty still counts
+        (b"Authorization: a", b"Authorization: b", b"Authorization: c"),
+    ],
+    ids=["two", "two-same", "two-one-empty", "three"],
+)
+def test_authorization_repeated_is_none(ex: ModuleType, lines: tuple[bytes, ...]) -> None:
+    """Two or more fields: ``None`` (the general path answers those), yet the request is
+    still accepted and forwarded with every copy, as the general path would."""
+    req = check_request(ex, request(b"Host: a", *lines))
+    assert req is not None and req.authorization is None
+    sent = sum(line.lower().startswith(b"authorization:") for line in lines)
+    assert req.compose(b"/").count(b"\r\nauthorization: ") == sent >= 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "traced"),
+    [
+        ((), False),
+        ((b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",), True),
+        ((b"tracestate: congo=t61rcWkgMzE",), True),
+        ((b"traceparent: 00-a-b-01", b"tracestate: a=b"), True),
+        ((b"TraceParent: 00-a-b-01",), True),
+        ((b"TRACESTATE:x",), True),
+        ((b"tRaCePaReNt:", b"X-A: 1"), True),  # an empty value still was sent
+        ((b"X-Traceparent: 1", b"Tracestate-X: 1", b"Trace: 1", b"Traceparen: 1"), False),
+    ],
+    ids=["neither", "traceparent", "tracestate", "both", "mixed-case", "upper", "empty", "alike"],
+)
+def test_traced(ex: ModuleType, fields: tuple[bytes, ...], traced: bool) -> None:
+    """``traced`` says a trace field was sent; the fields are forwarded unchanged (the
+    parity check in check_request holds the forwarded bytes to the general path)."""
+    req = check_request(ex, request(b"Host: a", *fields))
+    assert req is not None
+    assert req.traced is traced
+    assert req.authorization is None  # independent flags: no trace field sets the other
+    for name, value in req.headers():
+        if name in (b"traceparent", b"tracestate"):
+            assert b"\r\n%s: %s\r\n" % (name, value) in req.compose(b"/")
+
+
+def test_policy_attributes_are_read_only(ex: ModuleType) -> None:
+    req = scan(ex, request(b"Host: a", b"Authorization: x", b"traceparent: y"))
+    assert (req.authorization, req.traced) == (b"x", True)
+    for name in ("authorization", "traced"):
+        with pytest.raises(AttributeError):
+            setattr(req, name, None)
+
+
+POLICY_REQUEST = request(
+    b"Host: api.example",
+    b"X-User-Id: admin",  # a claim-like field sent by the client: a spoof to drop
+    b"Authorization: Bearer t0k3n",
+    b"Accept: */*",
+    b"x-user-id: root",  # a second copy: every occurrence must go
+    b"X-Forwarded-For: 10.0.0.1",
+    b"traceparent: 00-a-b-01",
+    b"X-Request-Id: r-policy",
+    line=b"GET /v1/items?id=7 HTTP/1.1",
+)
+POLICY_DROPS: dict[str, tuple[bytes, ...]] = {
+    "authorization": (b"authorization",),
+    "spoofed-claim": (b"x-user-id",),
+    "appended-xff": (b"x-forwarded-for",),
+    "appended-all": (
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"via",
+        b"x-request-id",
+    ),
+    "first-field": (b"host",),
+    "trace": (b"traceparent",),
+    "auth-and-claim": (b"authorization", b"x-user-id"),
+    "absent": (b"x-absent",),
+    "empty": (),
+    # Whole names only: a prefix, a longer name or another case must not match.
+    "prefix": (b"x-user", b"authorizatio", b"x-forwarded"),
+    "longer": (b"x-user-id2", b"authorization:", b"hosts"),
+    "upper-case": (b"Authorization", b"X-USER-ID"),
+    "empty-name": (b"",),
+    "duplicates": (b"x-user-id", b"x-user-id"),
+}
+POLICY_EXTRAS: dict[str, bytes] = {
+    "no-extra": b"",
+    "one": b"x-user-id: 42\r\n",
+    "several": b"x-user-id: 42\r\nx-user-role: reader\r\ntraceparent: 00-c-d-00\r\n",
+    "empty-value": b"x-flag: \r\n",
+}
+
+
+@pytest.mark.parametrize("extra", POLICY_EXTRAS.values(), ids=POLICY_EXTRAS.keys())
+@pytest.mark.parametrize("drop", POLICY_DROPS.values(), ids=POLICY_DROPS.keys())
+def test_compose_drop_extra_parity(ex: ModuleType, drop: tuple[bytes, ...], extra: bytes) -> None:
+    """``compose(target, drop, extra)`` is byte for byte the general path's head with the
+    dropped names filtered out of the rewritten fields and ``extra``'s fields appended."""
+    req = check_request(ex, POLICY_REQUEST)
+    assert req is not None
+    for target in (req.target, b"/upstream" + req.target):
+        wire = req.compose(target, drop, extra)
+        assert wire == general_compose(req, POLICY_REQUEST, target, drop, extra)
+        if b"host" in drop:
+            continue  # byte parity only: without Host llhttp answers 400, as it should
+        # And the upstream reads it as intended: no dropped name unless extra adds it.
+        got = parsed_fields(wire)
+        added = extra_fields(extra)
+        assert not {n for n, _ in got} & (set(drop) - {n for n, _ in added})
+        assert got[len(got) - len(added) :] == added  # extra last, before the blank line
+
+
+@pytest.mark.parametrize("drop", POLICY_DROPS.values(), ids=POLICY_DROPS.keys())
+def test_compose_drop_nothing_matching_changes_nothing(
+    ex: ModuleType, drop: tuple[bytes, ...]
+) -> None:
+    """A drop naming no forwarded field, or an empty one, gives exactly ``compose(target)``;
+    one naming a forwarded field gives fewer bytes."""
+    req = scan(ex, POLICY_REQUEST)
+    plain = req.compose(b"/t")
+    present = {n for n, _ in parsed_fields(plain)}
+    assert req.compose(b"/t", None, None) == req.compose(b"/t", (), b"") == plain
+    if present & set(drop):
+        assert len(req.compose(b"/t", drop)) < len(plain)
+    else:
+        assert req.compose(b"/t", drop) == plain
+
+
+def test_compose_drop_extra_golden(ex: ModuleType) -> None:
+    """The format pinned independently of the general path: every copy of a dropped name
+    goes (client-sent or appended), the rest keeps its order, ``extra`` comes last."""
+    req = scan(ex, POLICY_REQUEST)
+    wire = req.compose(
+        b"/items?id=7",
+        (b"authorization", b"x-user-id", b"x-forwarded-for"),
+        b"x-user-id: 42\r\n",
+    )
+    assert wire == (
+        b"GET /items?id=7 HTTP/1.1\r\nhost: api.example\r\naccept: */*\r\n"
+        b"traceparent: 00-a-b-01\r\nx-forwarded-proto: https\r\n"
+        b"x-forwarded-host: api.example\r\nvia: 1.1 fastedge\r\nx-request-id: r-policy\r\n"
+        b"x-user-id: 42\r\n\r\n"
+    )
+    # The scan itself is untouched by compose: a second call without drop keeps all.
+    assert req.compose(b"/t").count(b"\r\nx-user-id: ") == 2
+
+
+def test_compose_drop_on_head_request(ex: ModuleType) -> None:
+    """The method is kept on the composed line when lines are dropped and added."""
+    data = request(b"Host: a", b"Authorization: x", line=b"HEAD /h HTTP/1.1")
+    req = check_request(ex, data)
+    assert req is not None
+    wire = req.compose(b"/h", (b"authorization",), b"x-a: 1\r\n")
+    assert wire.startswith(b"HEAD /h HTTP/1.1\r\nhost: a\r\n")
+    assert wire == general_compose(req, data, b"/h", (b"authorization",), b"x-a: 1\r\n")
+
+
+@pytest.mark.parametrize("extra", POLICY_EXTRAS.values(), ids=POLICY_EXTRAS.keys())
+@pytest.mark.parametrize("drop", POLICY_DROPS.values(), ids=POLICY_DROPS.keys())
+def test_compose_drop_extra_implementations_agree(drop: tuple[bytes, ...], extra: bytes) -> None:
+    """The compiled scanner and its twin compose the same bytes and report the same
+    policy fields (the request carries its own id, so even the ids agree)."""
+    a, b = scan(compiled, POLICY_REQUEST), scan(python, POLICY_REQUEST)
+    assert (a.authorization, a.traced) == (b.authorization, b.traced) == (b"Bearer t0k3n", True)
+    assert a.compose(b"/x", drop, extra) == b.compose(b"/x", drop, extra)
+
+
+# Generated: simple requests with policy fields (any case, anywhere, auth possibly twice).
+POLICY_NAMES = [b"authorization", b"traceparent", b"tracestate", b"x-user-id"]
+
+
+@st.composite
+def policy_requests(draw: st.DrawFn) -> bytes:
+    data = draw(simple_requests())
+    lines = data[:-4].split(b"\r\n")  # the request line, then the field lines
+    for name in draw(st.lists(st.sampled_from(POLICY_NAMES), max_size=4)):
+        lines.insert(draw(st.integers(1, len(lines))), draw(field_line(name, draw(values))))
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+extra_lines = st.lists(st.tuples(names | st.sampled_from(POLICY_NAMES), values), max_size=4).map(
+    lambda pairs: b"".join(n + b": " + v + b"\r\n" for n, v in pairs)
+)
+
+
+def without_fresh_id(wire: bytes, req: Any) -> bytes:
+    """``wire`` with its appended ``x-request-id`` line's value masked (each side drew its
+    own fresh id when the client sent no valid one)."""
+    line = b"\r\nx-request-id: %s\r\n" % req.request_id
+    assert wire.count(line) <= 1
+    return wire.replace(line, b"\r\nx-request-id: <fresh>\r\n")
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=policy_requests(), extra=extra_lines, choice=st.data())
+def test_generated_compose_drop_extra(data: bytes, extra: bytes, choice: st.DataObject) -> None:
+    """For any accepted request, a random subset of the forwarded names as ``drop`` (at
+    times with an absent name or a prefix of a present one) and random extra lines: both
+    implementations compose the same bytes, equal to the general path's, which llhttp
+    reads as one request with the expected fields. The policy attributes agree with what
+    the codec parsed."""
+    reqs = [scan(ex, data) for ex in (compiled, python)]
+    assert reqs[0] is not None and reqs[1] is not None
+    parsed = parsed_fields(data)
+    auths = [v for n, v in parsed if n == b"authorization"]
+    for req in reqs:
+        assert req.authorization == (auths[0] if len(auths) == 1 else None)
+        assert req.traced is any(n in (b"traceparent", b"tracestate") for n, _ in parsed)
+
+    # Host stays: no policy drops it, and the upstream could not read the request without.
+    forwarded = sorted({n for n, _ in parsed_fields(reqs[1].compose(b"/t"))} - {b"host"})
+    drop = tuple(choice.draw(st.lists(st.sampled_from(forwarded), unique=True)))
+    if choice.draw(st.booleans()):
+        drop += (b"x-not-sent",)
+    if forwarded and choice.draw(st.booleans()):
+        # A proper prefix of a forwarded name: whole names only must match.
+        name = choice.draw(st.sampled_from(forwarded))
+        drop += (name[: choice.draw(st.integers(0, len(name) - 1))],)
+    target = b"/up" + reqs[1].target
+    wires = [req.compose(target, drop, extra) for req in reqs]
+    for req, wire in zip(reqs, wires, strict=True):
+        assert wire == general_compose(req, data, target, drop, extra)
+    assert without_fresh_id(wires[0], reqs[0]) == without_fresh_id(wires[1], reqs[1])
+
+    # What the upstream reads: the forwarded fields minus the dropped names, then extra's.
+    expected = [h for h in parsed_fields(reqs[1].compose(target)) if h[0] not in drop]
+    expected += [(n.lower(), v) for n, v in extra_fields(extra)]
+    assert parsed_fields(wires[1]) == expected
+
+
+@pytest.mark.parametrize(
+    "name", [bytearray(b"x-user-id"), memoryview(b"x-user-id"), "x-user-id", None, 1]
+)
+def test_compose_drop_names_must_be_bytes(ex: ModuleType, name: object) -> None:
+    """A drop name that is not ``bytes`` is refused in both implementations: the compiled
+    one reads names as bytes objects, and a ``str`` would silently drop nothing (a spoofed
+    claim field forwarded)."""
+    data = b"GET / HTTP/1.1\r\nHost: a\r\nX-User-Id: admin\r\n\r\n"
+    req = ex.scan_request(data, b"1.2.3.4", b"https", b"1.1 fe", 8192, 8192, 100)
+    assert req is not None
+    with pytest.raises(TypeError):
+        req.compose(b"/", (b"authorization", name))
