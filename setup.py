@@ -35,6 +35,12 @@ DATA_PATH = [
     "fastedge/cache/store.py",
     "fastedge/cache/policy.py",
     "fastedge/cache/edge.py",
+    # Policy filters on the express lane (auth from its cache, a local limit, tracing ids).
+    "fastedge/filters/express.py",
+    "fastedge/filters/auth.py",
+    "fastedge/filters/ratelimit.py",
+    "fastedge/observe/tracecontext.py",
+    "fastedge/observe/tracing.py",
 ]
 NO_EXTENSIONS = os.environ.get("FASTEDGE_NO_EXTENSIONS", "") not in ("", "0")
 TRACE = os.environ.get("FASTEDGE_CYTHON_TRACE", "") not in ("", "0")

@@ -43,9 +43,11 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 from fastedge.errors import ProxyError
+from fastedge.filters.express import ExpressContext, ExpressPolicy, admit
 
 if TYPE_CHECKING:
     from fastedge.config import Config, RouteConfig
@@ -272,6 +274,7 @@ class FilterChain:
         "end_filters",
         "error_filters",
         "express",
+        "express_admit",
         "filters",
         "response_filters",
         "streams_body",
@@ -291,6 +294,18 @@ class FilterChain:
         self.express: ExpressAnswer | None = None
         if len(filters) == 1:
             self.express = getattr(filters[0], "express_answer", None)
+        # Policy filters the express lane may run itself (ExpressPolicy): only when every
+        # filter can, only request-phase ones, and a consuming check only last.
+        # ``express_admit(request, client_ip, route)``: the decisions or None (see
+        # fastedge.filters.express.admit).
+        self.express_admit: Callable[[Any, bytes, str], ExpressContext | None] | None = None
+        if (
+            filters
+            and all(getattr(f, "express_ready", False) for f in filters)
+            and not any(getattr(f, "express_consumes", False) for f in filters[:-1])
+            and not (self.response_filters or self.streams_body or self.error_filters)
+        ):
+            self.express_admit = partial(admit, cast("tuple[ExpressPolicy, ...]", self.filters))
 
     def run_request(self, ctx: FilterContext) -> Answer | Awaitable[Answer]:
         """Run ``on_request`` in order; synchronous until a filter needs to wait."""

@@ -56,6 +56,7 @@ from fastedge.config import (
 from fastedge.core import SlidingWindow, TokenBucket
 from fastedge.errors import Kind, ProxyError
 from fastedge.filters import Decision, Filter, FilterContext, Headers, Runtime
+from fastedge.filters.express import ExpressContext
 from fastedge.filters.ratelimit_redis import Grant, LeaseBook, RedisLimiter, RedisUnavailable
 from fastedge.redis_config import RedisConfig
 
@@ -236,7 +237,12 @@ def _long(key: bytes) -> bytes:
     return b"#" + hashlib.blake2b(key, digest_size=16).digest()
 
 
-def _key_function(source: str) -> Callable[[FilterContext], bytes]:
+KeySource: TypeAlias = FilterContext | ExpressContext
+"""What a key is read from: the general path's context or the express lane's (both
+answer ``client_ip``, ``route``, ``header()`` and ``claims``)."""
+
+
+def _key_function(source: str) -> Callable[[KeySource], bytes]:
     """``ctx -> key``. A missing header or claim falls back to the client IP (documented):
     refusing would turn a missing credential into a 500 or an unlimited bucket, and the
     IP is what an anonymous caller is. Prefixes (``h=``, ``c=``, ``r=``) contain no
@@ -250,13 +256,13 @@ def _key_function(source: str) -> Callable[[FilterContext], bytes]:
     if kind == "header":
         field_name = name.encode()
 
-        def by_header(ctx: FilterContext) -> bytes:
+        def by_header(ctx: KeySource) -> bytes:
             value = ctx.header(field_name)
             return ctx.client_ip if value is None else _long(b"h=" + value)
 
         return by_header
 
-    def by_claim(ctx: FilterContext) -> bytes:
+    def by_claim(ctx: KeySource) -> bytes:
         claims = ctx.claims
         value = claims.get(name) if claims else None
         if isinstance(value, str) and value:
@@ -282,8 +288,8 @@ class _Policy:
     """What local and Redis policies share: keys, answers, headers, metrics."""
 
     __slots__ = (
-        "_allowed_labels",
         "_limited_labels",
+        "allowed_labels",
         "always",
         "clock",
         "config",
@@ -300,7 +306,7 @@ class _Policy:
         self.metrics = runtime.metrics
         self.key_of = _key_function(cfg.key)
         self.always = cfg.headers == "always"
-        self._allowed_labels = (("policy", cfg.name), ("result", "allowed"))
+        self.allowed_labels = (("policy", cfg.name), ("result", "allowed"))
         self._limited_labels = (("policy", cfg.name), ("result", "limited"))
         # draft-ietf-httpapi-ratelimit-headers-08..-11 (the current syntax): each field is
         # a Structured-Field List whose items are the policy name as an sf-string with
@@ -327,7 +333,7 @@ class _Policy:
         return (cfg.burst - remaining) / cfg.rate
 
     def allowed(self, ctx: FilterContext, remaining: int, seconds: float) -> Decision:
-        self.metrics.inc(RATELIMIT_TOTAL, self._allowed_labels)
+        self.metrics.inc(RATELIMIT_TOTAL, self.allowed_labels)
         if self.always:
             t = math.ceil(self.reset_seconds(remaining, seconds))
             ctx.response_headers.extend(self._fields(remaining, t))
@@ -470,7 +476,7 @@ class _RedisPolicy(_Policy):
             self._last_log = now
             self._unlogged = 0
         if self.config.on_redis_error == "allow":
-            self.metrics.inc(RATELIMIT_TOTAL, self._allowed_labels)
+            self.metrics.inc(RATELIMIT_TOTAL, self.allowed_labels)
             return None
         # 503, not 429: the client exceeded nothing, the limiter's store is down, and a
         # 429 would tell it to back off from a quota it never used.
@@ -492,12 +498,31 @@ _AnyPolicy: TypeAlias = "_LocalPolicy | _RedisPolicy"
 class RateLimitFilter:
     """The route's policies in order; synchronous unless a Redis round trip is needed."""
 
-    __slots__ = ("_only", "name", "policies")
+    __slots__ = ("_only", "express_ready", "name", "policies")
+
+    # On the express lane (fastedge.filters.ExpressPolicy) the check takes the token.
+    express_consumes = True
 
     def __init__(self, policies: list[_AnyPolicy]) -> None:
         self.name = "rate_limit"
         self.policies = tuple(policies)
         self._only = policies[0] if len(policies) == 1 else None
+        # The express lane: one local policy that adds no fields to allowed responses.
+        only = self._only
+        self.express_ready = isinstance(only, _LocalPolicy) and not only.always
+
+    def express_check(self, x: ExpressContext) -> bool:
+        """Take a token for the express lane; a refusal changes nothing (the limiters
+        count only what they allow) and the general path answers it."""
+        policy = self._only
+        assert isinstance(policy, _LocalPolicy)
+        allowed, _, _ = policy.limiter(policy.key_of(x), 1, policy.clock())
+        if allowed:
+            policy.metrics.inc(RATELIMIT_TOTAL, policy.allowed_labels)
+        return allowed
+
+    def express_apply(self, x: ExpressContext) -> None:
+        """Nothing left to do: the check counted."""
 
     def on_request(self, ctx: FilterContext) -> Decision | Awaitable[Decision]:
         """Ask each policy in order; the first refusal answers."""

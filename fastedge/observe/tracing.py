@@ -325,11 +325,15 @@ class Tracer:
         kind: SpanKind = SpanKind.SERVER,
         attributes: Mapping[str, AttributeValue] | None = None,
         now: int | None = None,
+        trace_id: str | None = None,
     ) -> Span:
         """Start a span named ``name`` (OTel HTTP convention: ``"{method} {route}"``).
 
         ``parent`` is an extracted remote context, a local :class:`Span`, or ``None`` for a
         new trace. ``now`` is the start time in unix nanos (default the clock).
+        ``trace_id`` names a new trace (no parent) whose id was drawn already: the proxy's
+        express lane draws one, and gives a request it samples to the general path with
+        it, so that the sampling decision stays the one drawn.
         """
         if isinstance(parent, Span):
             parent = TraceContext(
@@ -339,7 +343,8 @@ class Tracer:
                 parent.tracestate,
             )
         if parent is None:
-            trace_id = new_trace_id()
+            if trace_id is None:
+                trace_id = new_trace_id()
             parent_span_id = None
             tracestate: tuple[tuple[str, str], ...] = ()
         else:

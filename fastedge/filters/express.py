@@ -1,0 +1,87 @@
+"""Policy filters on the proxy's express lane: the context they decide on, and the order.
+
+The express lane (``fastedge.proxy``, *The express lane* in docs/architecture.md) scans a
+plain GET/HEAD in C and sends it upstream without the general path's exchange, header
+lists or :class:`~fastedge.filters.FilterContext`. A route with policy filters can take
+it too when every filter can decide such a request from memory (:class:`ExpressPolicy`):
+JWT auth from its verification cache, a local rate limit. This module is compiled with
+the data path (setup.py) since it runs for each such request.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+__all__ = ["ExpressContext", "ExpressPolicy", "admit"]
+
+
+class ExpressContext:
+    """What policy filters see of a request on the proxy's express lane (see
+    :class:`ExpressPolicy`): the scanned request and what the policies decided.
+
+    It answers the questions a rate-limit key asks of a :class:`FilterContext`
+    (``client_ip``, ``route``, ``claims``, ``header()``), and collects what the request
+    sent upstream must lose (``drop``: lower-case field names) and gain (``fields``, the
+    same as whole lines in ``extra``).
+    """
+
+    __slots__ = ("auth", "claims", "client_ip", "drop", "extra", "fields", "request", "route")
+
+    def __init__(self, request: Any, client_ip: bytes, route: str) -> None:
+        self.request = request  # fastedge._core.ExpressRequest
+        self.client_ip = client_ip
+        self.route = route
+        self.claims: dict[str, Any] | None = None  # set by auth's check: verified claims
+        self.auth: Any = None  # auth's verified entry, between its check and apply
+        self.drop: tuple[bytes, ...] = ()
+        self.fields: tuple[tuple[bytes, bytes], ...] = ()
+        self.extra = b""
+
+    def header(self, name: bytes) -> bytes | None:
+        """The client's first field named ``name`` (lower-case), or ``None``."""
+        fields: list[tuple[bytes, bytes]] = self.request.headers()
+        for n, v in fields:
+            if n == name:
+                return v
+        return None
+
+
+class ExpressPolicy(Protocol):
+    """A filter that can decide a plain request on the proxy's express lane.
+
+    A filter offers it by setting ``express_ready`` (per route, at build time: a local
+    rate limit can, a Redis one cannot). The lane asks every filter of the chain, in
+    order, ``express_check(x)``, then calls ``express_apply(x)`` on each. ``False`` from a
+    check sends the request to the general path, which runs ``on_request`` as usual, so a
+    check that says ``False`` must leave no trace (nothing counted, nothing consumed), and
+    one that says ``True`` must mean that ``on_request`` would let the request through.
+    Side effects belong in ``express_apply`` (counters, the fields to drop and add),
+    except for a filter whose decision *is* its side effect (a limiter taking a token):
+    it sets ``express_consumes`` and may only be the chain's last filter. The request
+    sent upstream must be byte for byte what the general path would send.
+    """
+
+    express_ready: bool
+    express_consumes: bool
+
+    def express_check(self, x: ExpressContext) -> bool: ...
+
+    def express_apply(self, x: ExpressContext) -> None: ...
+
+
+def admit(
+    filters: tuple[ExpressPolicy, ...], request: Any, client_ip: bytes, route: str
+) -> ExpressContext | None:
+    """Decide ``request`` on the express lane: every filter's check in order, then every
+    filter's apply; the decisions, or ``None`` for the general path (nothing happened).
+
+    A route's :class:`~fastedge.filters.FilterChain` offers this as ``express_admit``
+    when all its filters are :class:`ExpressPolicy` ones.
+    """
+    x = ExpressContext(request, client_ip, route)
+    for f in filters:
+        if not f.express_check(x):
+            return None
+    for f in filters:
+        f.express_apply(x)
+    return x
