@@ -752,10 +752,10 @@ def build_gateway(
         max_connections_per_ip=srv.max_connections_per_ip,
         tracer=tracer,
     )
-    # The express lane skips the engine's codecs and the per-request span, so it needs
-    # the fast engine and no tracer; routes with filters and non-plain upstreams are
-    # checked per request (fastedge.proxy.ClientConnection._express).
-    gateway.express = srv.express and gateway.engine.name == "fast" and tracer is None
+    # The express lane skips the engine's codecs, so it needs the fast engine; routes
+    # with filters, non-plain upstreams and sampled or continued traces are checked per
+    # request (fastedge.proxy.ClientConnection._express).
+    gateway.express = srv.express and gateway.engine.name == "fast"
     gateway.express_horizon = min((up.response_timeout for up in upstreams.values()), default=60.0)
     # Last, once nothing can fail: this generation's health checks start and the
     # previous generation's stop (its draining requests keep their last verdicts).

@@ -14,7 +14,7 @@ cdef class Exchange
 
 
 cdef class ExpressSettings:
-    cdef public object gateway, match, loop_time
+    cdef public object gateway, match, loop_time, tracer, trace_bound
     cdef public Metrics metrics
     cdef public bint enabled, access_log, keepalive_off
     cdef public bytes via
@@ -67,11 +67,12 @@ cdef class ClientConnection:
     cdef public object xroute, xtarget
     cdef public UpstreamConnection xup
     cdef public double xstart, xsent, xdue
+    cdef public object xadmit, xspan, xtrace
     cpdef bint must_close(self)
     cpdef double _due(self)
     @cython.locals(lane=ExpressSettings)
     cpdef rearm(self)
-    @cython.locals(req=ExpressRequest, lane=ExpressSettings)
+    @cython.locals(req=ExpressRequest, lane=ExpressSettings, span_ids=tuple, extra=bytes)
     cpdef bint _express(self, bytes data)
     @cython.locals(req=ExpressRequest, lane=ExpressSettings)
     cpdef express_response(self, bytes data)

@@ -28,11 +28,12 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Coroutine
-from time import perf_counter
+from time import perf_counter, time_ns
 from typing import TYPE_CHECKING, Any, cast
 
 from fastedge.errors import Kind, ProxyError, error_response
 from fastedge.filters import FilterChain, FilterContext, Response
+from fastedge.filters.express import ExpressContext
 from fastedge.http.engine import (
     END,
     ClientCodec,
@@ -48,21 +49,28 @@ from fastedge.http.headers import (
     rewrite_response_headers,
 )
 from fastedge.observe.metrics import MetricFamily
-from fastedge.observe.tracing import Span, SpanKind, StatusCode, Tracer
+from fastedge.observe.tracing import (
+    ParentBased,
+    Span,
+    SpanKind,
+    StatusCode,
+    TraceIdRatio,
+    Tracer,
+)
 
 if TYPE_CHECKING:
     # Aliased: the compiled build cimports the class under its own name (proxy.pxd).
     from fastedge._core import ExpressRequest as _ExpressRequest
-    from fastedge._core import scan_request, scan_response
+    from fastedge._core import new_root_trace, scan_request, scan_response
 else:
     # Not through the fastedge._core selector: a compiled proxy (a .so is imported
     # whatever FASTEDGE_NO_EXTENSIONS says) is typed against the compiled scanners'
     # ExpressRequest (proxy.pxd), so it must use them; only a pure-Python build, which
     # has no compiled scanners, takes the twin.
     try:
-        from fastedge._core.express import scan_request, scan_response
+        from fastedge._core.express import new_root_trace, scan_request, scan_response
     except ImportError:
-        from fastedge._core.express_py import scan_request, scan_response
+        from fastedge._core.express_py import new_root_trace, scan_request, scan_response
 
 if TYPE_CHECKING:
     from fastedge.gateway import Gateway, Target, Upstream
@@ -270,6 +278,8 @@ class ExpressSettings:
         "max_requests",
         "max_uri",
         "metrics",
+        "trace_bound",
+        "tracer",
         "via",
     )
 
@@ -290,6 +300,17 @@ class ExpressSettings:
         self.metrics = gw.metrics
         # The compiled PrefixRouter's match: (route, prefix) or None.
         self.match: Any = gw.router.prefix_router.match
+        # With [tracing], express requests carry an unsampled span's context; the
+        # sampler's decision for a new trace id (ParentBased(TraceIdRatio), as
+        # tracing_config builds it) says which ones the general path must record.
+        self.tracer = gw.tracer
+        self.trace_bound: Any = None
+        if gw.tracer is not None:
+            sampler = gw.tracer.sampler
+            if isinstance(sampler, ParentBased) and isinstance(sampler.root, TraceIdRatio):
+                self.trace_bound = sampler.root.bound
+            else:  # another sampler: no traced request takes the lane
+                self.enabled = False
 
 
 class ExpressLane:
@@ -358,13 +379,16 @@ class ClientConnection:
         "server",
         "transport",
         "write_paused",
+        "xadmit",
         "xdue",
         "xreq",
         "xroute",
         "xsent",
         "xset",
+        "xspan",
         "xstart",
         "xtarget",
+        "xtrace",
         "xup",
     )
 
@@ -405,6 +429,12 @@ class ClientConnection:
         self.xstart = 0.0
         self.xsent = 0.0
         self.xdue = 0.0
+        # What its policy filters decided (fastedge.filters.ExpressContext), and its
+        # unsampled span's (trace id, span id), when the route and config have them.
+        self.xadmit: ExpressContext | None = None
+        self.xspan: tuple[str, str] | None = None
+        # A new trace id the lane drew and sampled: the general path's span takes it.
+        self.xtrace: str | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -747,10 +777,12 @@ class ClientConnection:
             return False
         route = found[0]
         chain = route.filters
-        if chain is not None:
-            # A lone filter answering from memory (a fresh cache hit), or the general path.
+        tracer = lane.tracer
+        if chain is not None and chain.express_admit is None:
+            # A lone filter answering from memory (a fresh cache hit), or the general path
+            # (a traced request's span would need it too).
             answer = chain.express
-            if answer is None:
+            if answer is None or tracer is not None:
                 return False
             reply = answer(req, self.proto, route.upstream)
             if reply is None:
@@ -760,11 +792,35 @@ class ClientConnection:
         upstream = route.upstream
         if not upstream.express:
             return False
+        extra = None
+        span_ids = None
+        if tracer is not None:
+            if req.traced:
+                return False  # the caller's trace context: the general path continues it
+            trace_id, span_id, extra = new_root_trace(lane.trace_bound)
+            # From here, a request the lane gives up on keeps the trace id drawn (and so
+            # the sampler's decision for it): the general path's span takes it. Drawing
+            # again would sample what the lane turns down at p + (1 - p) * p.
+            self.xtrace = trace_id
+            if span_id is None:
+                return False  # sampled: the general path records it, under this id
+            span_ids = (trace_id, span_id)
         target = upstream.balancer.pick()
         conn = target.pool.take_idle()
         if conn is None:
             return False  # the general path connects (in a task) or waits
+        admitted = None
+        drop = None
+        if chain is not None:
+            # Policy filters (auth from its verification cache, a local rate limit).
+            admitted = chain.express_admit(req, self.client_ip, route.name)
+            if admitted is None:
+                target.pool.give_back(conn, True)
+                return False
+            drop = admitted.drop
+            extra = admitted.extra if extra is None else extra + admitted.extra
         transport = conn.transport
+        self.xtrace = None
         self.lane.served += 1
         self.gateway = gw
         self.xset = lane
@@ -774,12 +830,14 @@ class ClientConnection:
         self.xroute = route
         self.xtarget = target
         self.xup = conn
+        self.xadmit = admitted
+        self.xspan = span_ids
         conn.xclient = self
         self.xstart = perf_counter()
         now = lane.loop_time()
         self.xsent = now
         self.xdue = now + upstream.response_timeout
-        transport.write(req.compose(route.forward_target(req.path, req.query)))
+        transport.write(req.compose(route.forward_target(req.path, req.query), drop, extra))
         if self._deadline_handle is None or self._deadline_at > self.xdue + 0.001:
             self.rearm()
         return True
@@ -804,6 +862,7 @@ class ClientConnection:
         up = self.xup
         target = self.xtarget
         route = self.xroute
+        span_ids = self.xspan
         assert up is not None and target is not None and route is not None
         # Done before the write: the write may call pause_writing (a client that does
         # not read), which must find no express request left to promote.
@@ -812,6 +871,8 @@ class ClientConnection:
         self.xup = None
         self.xtarget = None
         self.xroute = None
+        self.xadmit = None
+        self.xspan = None
         up.xclient = None
         transport = self.transport
         assert transport is not None  # a lost client promotes the request first
@@ -822,7 +883,16 @@ class ClientConnection:
             route.name, _METHOD_NAMES[req.method], status, elapsed, elapsed
         )
         if lane.access_log:
-            self._express_log(req, route, target.name, status, body_length, elapsed, elapsed)
+            self._express_log(
+                req,
+                route,
+                target.name,
+                status,
+                body_length,
+                elapsed,
+                elapsed,
+                span_ids[0] if span_ids is not None else None,
+            )
         if close:
             transport.close()
             return
@@ -864,7 +934,7 @@ class ClientConnection:
         elapsed = perf_counter() - start
         lane.metrics.observe_request(route.name, _METHOD_NAMES[req.method], status, elapsed, None)
         if lane.access_log:
-            self._express_log(req, route, None, status, len(body), elapsed, None)
+            self._express_log(req, route, None, status, len(body), elapsed, None, None)
         if close:
             transport.close()
             return
@@ -887,6 +957,7 @@ class ClientConnection:
         bytes_out: int,
         elapsed: float,
         upstream_s: float | None,
+        trace_id: str | None,
     ) -> None:
         """The access-log line Exchange._log writes for the same exchange."""
         self.gateway.log_access(
@@ -904,7 +975,7 @@ class ClientConnection:
                 "duration_ms": round(elapsed * 1000, 3),
                 "upstream_ms": round(upstream_s * 1000, 3) if upstream_s else None,
                 "error": None,
-                "trace_id": None,
+                "trace_id": trace_id,
             }
         )
 
@@ -921,6 +992,10 @@ class ClientConnection:
         self.xroute = None
         self.xtarget = None
         self.xup = None
+        admitted = self.xadmit
+        span_ids = self.xspan
+        self.xadmit = None
+        self.xspan = None
         up.xclient = None
         if self.lane is not None:
             self.lane.promoted += 1
@@ -942,6 +1017,22 @@ class ClientConnection:
         )
         # The id the upstream was sent is the express one (the last field appended).
         headers[-1] = (b"x-request-id", req.request_id)
+        if span_ids is not None:
+            # The unsampled span whose context the upstream was sent (Exchange.start).
+            ex.span = span = Span(
+                head.method.decode("latin-1"),
+                trace_id=span_ids[0],
+                span_id=span_ids[1],
+                parent_span_id=None,
+                kind=SpanKind.SERVER,
+                start_ns=time_ns(),
+                recording=False,
+            )
+            headers += Tracer.inject(span)
+        if admitted is not None:  # what the policy filters did to the request (Exchange.start)
+            if admitted.drop:
+                headers = [h for h in headers if h[0] not in admitted.drop]
+            headers.extend(admitted.fields)
         ex.up_headers = headers
         ex.request_complete = True
         ex.request_sent = True
@@ -1927,7 +2018,10 @@ class Exchange:
     def _start_span(self, tracer: Tracer, headers: list[tuple[bytes, bytes]], host: bytes) -> None:
         head = self.head
         method = head.method.decode("latin-1")
-        self.span = span = tracer.start_span(method, tracer.extract(head.headers))
+        # A new trace the express lane drew and sampled keeps its id (see _express).
+        preset = self.conn.xtrace
+        self.conn.xtrace = None
+        self.span = span = tracer.start_span(method, tracer.extract(head.headers), trace_id=preset)
         if span.recording:  # attributes only for sampled spans: most are not, at 1%
             span.set_attributes(
                 {

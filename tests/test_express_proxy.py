@@ -949,10 +949,21 @@ async def test_not_eligible_stays_on_the_general_path(
     origin = await new_origin()
     doc = document(origin.port)
     if variant == "rate_limit":
-        doc["rate_limits"] = {"p": {"algorithm": "sliding_window", "limit": 1000, "window": "10s"}}
+        # RateLimit fields on every response: a response phase the lane does not have
+        # (a plain local limit is on the lane: tests/test_express_chain.py).
+        doc["rate_limits"] = {
+            "p": {
+                "algorithm": "sliding_window",
+                "limit": 1000,
+                "window": "10s",
+                "headers": "always",
+            }
+        }
         doc["routes"][0]["rate_limit"] = "p"
     elif variant == "tracing":
-        doc["tracing"] = {"sample_ratio": 0.0, "memory_spans": 0}
+        # Every trace sampled: recorded spans need the general path (unsampled ones take
+        # the lane: tests/test_express_chain.py).
+        doc["tracing"] = {"sample_ratio": 1.0, "memory_spans": 0}
     elif variant == "h11":
         doc["server"]["http"] = "h11"
     elif variant == "express_off":
