@@ -656,8 +656,6 @@ _DECODE_OPTIONS: Final[Any] = {
 # A token without exp is cached this long at most (a removed key or a disabled account
 # must take effect eventually); tokens with exp stay until they expire.
 _MAX_CACHE_TTL: Final = 300.0
-# Tokens whose digest AuthState remembers (1,024 tokens of ~200 bytes: ~300 KiB at most).
-_DIGEST_MEMO: Final = 1024
 # RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN_RE: Final = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
 
@@ -755,10 +753,6 @@ class AuthState:
         self.drop_headers = frozenset(drop)
         self.drop_names = tuple(sorted(drop))  # the same, as the express lane takes them
         self.cache = LRUCache(policy.cache_size) if policy.cache_size else None
-        # Token -> its SHA-256 (the cache key), for the tokens seen last: clients send the
-        # same token on every request, and hashing costs more than the cache lookup.
-        # Bounded: emptied when full.
-        self.digests: dict[bytes, bytes] = {}
         # Keys: by kid, and by algorithm for tokens without a (known) kid.
         self.keys = tuple(_load_key(k) for k in policy.keys)
         self.by_kid = {k.kid: k for k in self.keys if k.kid is not None}
@@ -789,16 +783,6 @@ class AuthState:
             result: (("policy", self.name), ("result", result))
             for result in ("ok", "invalid", "expired", "disabled", "missing", "unavailable")
         }
-
-    def digest(self, token: bytes) -> bytes:
-        """The verification cache's key for ``token``: its SHA-256."""
-        digest = self.digests.get(token)
-        if digest is None:
-            digest = hashlib.sha256(token).digest()
-            if len(self.digests) >= _DIGEST_MEMO:
-                self.digests.clear()
-            self.digests[token] = digest
-        return digest
 
     async def aclose(self) -> None:
         """Cancel a JWKS fetch in flight."""
@@ -996,7 +980,8 @@ class AuthFilter:
         if token is None or state.cache is None:
             return False
         now = state.clock()
-        entry: Verified | None = state.cache.get(state.digest(token), now=now)
+        # The digest each time: remembering token -> digest would keep raw tokens.
+        entry: Verified | None = state.cache.get(hashlib.sha256(token).digest(), now=now)
         if entry is None or state.check_times(entry, now) is not None:
             return False
         account = state.account
@@ -1050,7 +1035,7 @@ class AuthFilter:
         if token is None:
             return self._missing()
         now = state.clock()
-        digest = state.digest(token)
+        digest = hashlib.sha256(token).digest()
         cache = state.cache
         if cache is not None:
             # Only verified tokens are cached, so a hit is well-formed: the syntax check
