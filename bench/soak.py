@@ -5,8 +5,9 @@
 Starts the test origin (``tests/origin.py``) and ``fastedge run`` with a temporary
 config as subprocesses, drives mixed traffic with its own asyncio HTTP/1.1 client (small
 and 64 KiB GETs, POSTs with bodies, pipelined pairs, HEADs, a stripped-prefix route,
-connections closed after a random number of requests), and samples the proxy's RSS and
-open descriptors once a second from ``/proc``.
+a route with JWT auth and a per-user limit (with a bearer token, and without: 401),
+tracing at 1% on everything, connections closed after a random number of requests), and
+samples the proxy's RSS and open descriptors once a second from ``/proc``.
 
 Growth is measured after warm-up (the first 20% of the run, while pools, allocator
 arenas and caches fill): the median of the first five samples after warm-up against the
@@ -36,6 +37,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+
+from bench.load.variants import JWT_SECRET, JWT_SECRET_ENV, bench_token
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT = 15.0  # per request; a stuck request is an error, not a hang
@@ -93,6 +96,32 @@ upstream = "origin"
 prefix = "/api"
 upstream = "origin"
 strip_prefix = true
+
+# The full policy chain (issue 9): auth from its verification cache, a local per-user
+# limit that is never reached, tracing at 1% (kept in memory: spans are objects too).
+[tracing]
+sample_ratio = 0.01
+memory_spans = 200
+
+[auth.soak]
+algorithms = ["HS256"]
+
+  [[auth.soak.keys]]
+  algorithm = "HS256"
+  secret_env = "{JWT_SECRET_ENV}"
+
+[rate_limits.per_user]
+algorithm = "sliding_window"
+limit = 1000000000
+window = "1s"
+key = "claim:sub"
+
+[[routes]]
+prefix = "/secure"
+upstream = "origin"
+strip_prefix = true
+auth = "soak"
+rate_limit = "per_user"
 """
     )
     return path
@@ -105,6 +134,7 @@ def start_proxy(config: Path, log: Path) -> subprocess.Popen[bytes]:
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
+            env={**os.environ, JWT_SECRET_ENV: JWT_SECRET},
         )
 
 
@@ -194,8 +224,11 @@ async def read_response(reader: asyncio.StreamReader, *, head: bool = False) -> 
     return status, await reader.read()  # close-delimited
 
 
-def get(path: str, method: str = "GET") -> bytes:
-    return f"{method} {path} HTTP/1.1\r\nHost: soak.test\r\n\r\n".encode()
+def get(path: str, method: str = "GET", extra: str = "") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: soak.test\r\n{extra}\r\n".encode()
+
+
+TOKEN = bench_token()  # valid for a day: longer than any soak
 
 
 async def one_operation(
@@ -203,7 +236,8 @@ async def one_operation(
 ) -> None:
     """One randomly chosen exchange (or pipelined pair); raises BadResponse on a mismatch."""
     kind = rng.choices(
-        ["small", "large", "post", "pipelined", "head", "prefix"], weights=[30, 15, 20, 10, 10, 15]
+        ["small", "large", "post", "pipelined", "head", "prefix", "secure", "anonymous"],
+        weights=[30, 15, 20, 10, 10, 15, 20, 3],
     )[0]
     stats.kinds[kind] += 1
     if kind == "small":
@@ -215,6 +249,16 @@ async def one_operation(
     elif kind == "prefix":
         writer.write(get("/api/bytes/10"))  # strip_prefix → /bytes/10
         expect = [(200, 10)]
+    elif kind == "secure":  # auth + limit + tracing: the express lane's policy chain
+        writer.write(get("/secure/bytes/100", extra=f"Authorization: Bearer {TOKEN}\r\n"))
+        expect = [(200, 100)]
+    elif kind == "anonymous":  # refused by auth: the general path's 401
+        writer.write(get("/secure/bytes/100"))
+        status, _ = await asyncio.wait_for(read_response(reader), REQUEST_TIMEOUT)
+        stats.requests += 1
+        if status != 401:
+            raise BadResponse(f"anonymous: {status}")
+        return
     elif kind == "head":
         writer.write(get("/bytes/1000", "HEAD"))
         status, body = await asyncio.wait_for(read_response(reader, head=True), REQUEST_TIMEOUT)
