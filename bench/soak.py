@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from bench.load.variants import JWT_SECRET, JWT_SECRET_ENV, bench_token
+from bench.load.variants import JWT_SECRET, JWT_SECRET_ENV, bench_token, chain_policies
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT = 15.0  # per request; a stuck request is an error, not a hang
@@ -99,28 +99,12 @@ strip_prefix = true
 
 # The full policy chain (issue 9): auth from its verification cache, a local per-user
 # limit that is never reached, tracing at 1% (kept in memory: spans are objects too).
-[tracing]
-sample_ratio = 0.01
-memory_spans = 200
-
-[auth.soak]
-algorithms = ["HS256"]
-
-  [[auth.soak.keys]]
-  algorithm = "HS256"
-  secret_env = "{JWT_SECRET_ENV}"
-
-[rate_limits.per_user]
-algorithm = "sliding_window"
-limit = 1000000000
-window = "1s"
-key = "claim:sub"
-
+{chain_policies(memory_spans=200)}
 [[routes]]
 prefix = "/secure"
 upstream = "origin"
 strip_prefix = true
-auth = "soak"
+auth = "bench"
 rate_limit = "per_user"
 """
     )

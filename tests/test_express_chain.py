@@ -17,9 +17,8 @@ so no rate-limit token is spent on the warm-up.
 
 from __future__ import annotations
 
-import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from fastedge.filters.auth import AuthFilter
 from fastedge.filters.ratelimit import RateLimitFilter
 from fastedge.observe.tracing import TraceIdRatio
 from fastedge.server import ProxyServer
+from tests import test_express_proxy
 from tests.conftest import Response
 from tests.raw_client import RawClient
 from tests.test_auth import ENV, NOW, OTHER_SECRET, SECRET
@@ -40,38 +40,18 @@ from tests.test_express_proxy import ScriptedOrigin, lane_counts, pool_stats, re
 MakeProxy = Callable[[dict[str, Any]], Awaitable[ProxyServer]]
 NewOrigin = Callable[[], Awaitable[ScriptedOrigin]]
 
+# The scripted origins and the no-ERROR-logged check of tests/test_express_proxy.py
+# (pytest finds fixtures by their module-level names).
+new_origin = test_express_proxy.new_origin
+no_errors_logged = test_express_proxy.no_errors_logged
+
 
 # --- fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def new_origin() -> AsyncIterator[NewOrigin]:
-    """``await new_origin()``: a started scripted origin, closed at the end."""
-    origins: list[ScriptedOrigin] = []
-
-    async def start() -> ScriptedOrigin:
-        origin = ScriptedOrigin()
-        await origin.start()
-        origins.append(origin)
-        return origin
-
-    yield start
-    for origin in origins:
-        await origin.close()
 
 
 @pytest.fixture(autouse=True)
 def secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV, SECRET)
-
-
-@pytest.fixture(autouse=True)
-def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """A failure inside a protocol callback is only logged, never raised into the test:
-    any ERROR record fails the test."""
-    yield
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert not errors, [r.getMessage() for r in errors]
 
 
 # --- tokens, clocks, config --------------------------------------------------------------

@@ -67,12 +67,13 @@ def routes_config(port: int, upstream_port: int, routes: int = ROUTES) -> str:
     return "\n".join(lines)
 
 
-def chain_config(port: int, upstream_port: int) -> str:
-    """Auth + rate limit + tracing on the one route."""
-    return (
-        _server(port)
-        + _upstream(upstream_port)
-        + f"""
+def chain_policies(memory_spans: int | None = None) -> str:
+    """The chain's policies: auth policy ``bench`` (HS256, the verification cache on),
+    rate limit ``per_user`` (a local sliding window per subject that is never reached)
+    and tracing at 1% (``memory_spans`` for the in-process span store, else its default).
+    Also the soak's (bench/soak.py)."""
+    spans = "" if memory_spans is None else f"memory_spans = {memory_spans}\n"
+    return f"""
 [auth.bench]
 algorithms = ["HS256"]
 cache_size = 10000
@@ -89,7 +90,16 @@ key = "claim:sub"
 
 [tracing]
 sample_ratio = 0.01
+{spans}"""
 
+
+def chain_config(port: int, upstream_port: int) -> str:
+    """Auth + rate limit + tracing on the one route."""
+    return (
+        _server(port)
+        + _upstream(upstream_port)
+        + chain_policies()
+        + """
 [[routes]]
 prefix = "/"
 upstream = "origin"

@@ -498,21 +498,17 @@ def scan_request(
                 return None
             host_i = i
             size += f.name_len + f.value_len + 4
-        elif kind == K_CLOSE_NAME:
-            close_named = True
-            f.kind = K_OTHER
-            size += f.name_len + f.value_len + 4
-        elif kind == K_CACHE:
-            cache_sensitive = True
-            f.kind = K_OTHER
-            size += f.name_len + f.value_len + 4
-        elif kind == K_AUTH:
-            auth_i = i
-            auths += 1
-            f.kind = K_OTHER
-            size += f.name_len + f.value_len + 4
-        elif kind == K_TRACE:
-            traced = True
+        elif kind == K_CLOSE_NAME or kind == K_CACHE or kind == K_AUTH or kind == K_TRACE:
+            # Forwarded as they are; what they say is noted for the caller.
+            if kind == K_CLOSE_NAME:
+                close_named = True
+            elif kind == K_CACHE:
+                cache_sensitive = True
+            elif kind == K_AUTH:
+                auth_i = i
+                auths += 1
+            else:
+                traced = True
             f.kind = K_OTHER
             size += f.name_len + f.value_len + 4
         elif kind == K_CONN:
