@@ -46,3 +46,16 @@ class RawClient(Client):
         """Send ``data`` (one request), return the response parsed and as bytes."""
         await self.send(data)
         return await self.response(method)
+
+    async def exchange_on(
+        self, port: int, data: bytes, *, method: bytes = b"GET"
+    ) -> tuple[RawClient, Response, bytes]:
+        """:meth:`exchange`, then, when the response said ``Connection: close``, check the
+        proxy closed and open a new connection to ``port``: the client for the next
+        request, the response parsed and as bytes."""
+        resp, raw = await self.exchange(data, method=method)
+        if resp.header("connection") != b"close":
+            return self, resp, raw
+        assert await self.is_closed()
+        await self.close()
+        return await RawClient.open(port), resp, raw

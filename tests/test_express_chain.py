@@ -228,13 +228,9 @@ async def run_chain(
                 clock.mono += step.seconds
                 continue
             data, method = step
-            resp, raw = await client.exchange(data, method=method)
+            client, resp, raw = await client.exchange_on(proxy.port, data, method=method)
             responses.append(resp)
             raws.append(raw)
-            if resp.header("connection") == b"close":
-                assert await client.is_closed()
-                await client.close()
-                client = await RawClient.open(proxy.port)
     finally:
         await client.close()
     lines: list[dict[str, Any]] = []

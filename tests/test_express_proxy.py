@@ -371,13 +371,9 @@ async def run_sequence(
     raws: list[bytes] = []
     try:
         for data, method in [(WARM, b"GET"), *requests]:
-            resp, raw = await client.exchange(data, method=method)
+            client, resp, raw = await client.exchange_on(proxy.port, data, method=method)
             responses.append(resp)
             raws.append(raw)
-            if resp.header("connection") == b"close":
-                assert await client.is_closed()
-                await client.close()
-                client = await RawClient.open(proxy.port)
     finally:
         await client.close()
     served, promoted = lane_counts(proxy)
