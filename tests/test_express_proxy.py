@@ -317,6 +317,16 @@ async def warm(server: ProxyServer) -> None:
     assert pool_stats(server)[0]["idle"] == 1
 
 
+async def warm_proxy(
+    make_proxy: MakeProxy, new_origin: Callable[[], Awaitable[ScriptedOrigin]]
+) -> tuple[ScriptedOrigin, ProxyServer]:
+    """A scripted origin and a proxy on :func:`document`'s routes to it, warmed."""
+    origin = await new_origin()
+    proxy = await make_proxy(document(origin.port))
+    await warm(proxy)
+    return origin, proxy
+
+
 async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> None:
     """Wait (bounded) until ``check()``: for what another connection does next."""
     loop = asyncio.get_running_loop()
@@ -647,9 +657,7 @@ async def test_retry_keeps_the_request_id_made_up_by_the_lane(
 ) -> None:
     """No X-Request-Id from the client: the id the lane made up is the one the retry
     sends and the one the client gets."""
-    origin = await new_origin()
-    proxy = await make_proxy(document(origin.port))
-    await warm(proxy)
+    origin, proxy = await warm_proxy(make_proxy, new_origin)
     client = await Client.open(proxy.port)
     try:
         await client.send(b"GET /stale HTTP/1.1\r\nHost: example.test\r\n\r\n")
@@ -716,9 +724,7 @@ async def test_timeout_is_measured_from_the_request(
 async def test_pipelined_request_during_express(
     make_proxy: MakeProxy, new_origin: Callable[[], Awaitable[ScriptedOrigin]]
 ) -> None:
-    origin = await new_origin()
-    proxy = await make_proxy(document(origin.port))
-    await warm(proxy)
+    origin, proxy = await warm_proxy(make_proxy, new_origin)
     client = await RawClient.open(proxy.port)
     try:
         await client.send(request("/held/1", "pipe-1"))
@@ -747,9 +753,7 @@ async def test_pipelined_request_during_express(
 async def test_client_reset_during_express(
     make_proxy: MakeProxy, new_origin: Callable[[], Awaitable[ScriptedOrigin]]
 ) -> None:
-    origin = await new_origin()
-    proxy = await make_proxy(document(origin.port))
-    await warm(proxy)
+    origin, proxy = await warm_proxy(make_proxy, new_origin)
     bystander = await Client.open(proxy.port)  # another client, connected throughout
     # A plain blocking socket, so the reset can be forced (SO_LINGER 0: RST, not FIN).
     sock = socket.create_connection(("127.0.0.1", proxy.port))
@@ -782,9 +786,7 @@ async def test_client_reset_during_express(
 async def test_client_half_close_during_express_still_answered(
     make_proxy: MakeProxy, new_origin: Callable[[], Awaitable[ScriptedOrigin]]
 ) -> None:
-    origin = await new_origin()
-    proxy = await make_proxy(document(origin.port))
-    await warm(proxy)
+    origin, proxy = await warm_proxy(make_proxy, new_origin)
     client = await Client.open(proxy.port)
     try:
         await client.send(request("/held/h", "half-1"))
@@ -820,9 +822,7 @@ async def test_upstream_drops_fresh_connection_gives_502(
 async def test_client_connection_close(
     make_proxy: MakeProxy, new_origin: Callable[[], Awaitable[ScriptedOrigin]]
 ) -> None:
-    origin = await new_origin()
-    proxy = await make_proxy(document(origin.port))
-    await warm(proxy)
+    origin, proxy = await warm_proxy(make_proxy, new_origin)
     client = await RawClient.open(proxy.port)
     try:
         resp, raw = await client.exchange(request("/c", "close-1", "Connection: close\r\n"))
@@ -901,9 +901,7 @@ async def test_large_responses_to_a_client_that_does_not_read(
     """Responses pile up in the proxy's write buffer until the transport calls
     pause_writing, from inside the write of an express response: every response must
     still arrive whole, in order, once the client reads."""
-    origin = await new_origin()
-    proxy = await make_proxy(document(origin.port))
-    await warm(proxy)
+    origin, proxy = await warm_proxy(make_proxy, new_origin)
     loop = asyncio.get_running_loop()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -998,9 +996,7 @@ def _samples(text: str, name: str) -> list[tuple[str, float]]:
 async def test_metrics(
     make_proxy: MakeProxy, new_origin: Callable[[], Awaitable[ScriptedOrigin]]
 ) -> None:
-    origin = await new_origin()
-    proxy = await make_proxy(document(origin.port))
-    await warm(proxy)
+    _, proxy = await warm_proxy(make_proxy, new_origin)
     client = await Client.open(proxy.port)
     try:
         for i in range(3):
@@ -1080,9 +1076,7 @@ async def test_access_log_lines_match_the_general_path(
 async def test_reload_turns_the_lane_off_and_on(
     make_proxy: MakeProxy, new_origin: Callable[[], Awaitable[ScriptedOrigin]]
 ) -> None:
-    origin = await new_origin()
-    proxy = await make_proxy(document(origin.port))
-    await warm(proxy)
+    origin, proxy = await warm_proxy(make_proxy, new_origin)
     client = await Client.open(proxy.port)
     try:
         for i, express in enumerate((True, False, True)):

@@ -205,6 +205,22 @@ cdef inline bint _connection_value(const unsigned char* p, Field* f, bint* close
     return False
 
 
+cdef inline bint _hop_field(
+    const unsigned char* p, Field* f, int kind, int i, bint* close, int* via_i
+) noexcept nogil:
+    """The fields both directions check alike (``_hop_kind``): ``Connection`` only
+    ``keep-alive``/``close`` (``close`` noted), ``Proxy-Connection`` only ``keep-alive``,
+    at most one ``Via`` (its index noted). False: the general path's message."""
+    if kind == K_CONN:
+        return _connection_value(p, f, close)
+    if kind == K_PROXY_CONN:
+        return _is(p + f.value, f.value_len, b"keep-alive", 10)
+    if via_i[0] >= 0:  # K_VIA
+        return False
+    via_i[0] = i
+    return True
+
+
 cdef inline char* _put(char* w, const void* src, Py_ssize_t n) noexcept nogil:
     memcpy(w, src, n)
     return w + n
@@ -511,20 +527,13 @@ def scan_request(
                 traced = True
             f.kind = K_OTHER
             size += f.name_len + f.value_len + 4
-        elif kind == K_CONN:
-            if not _connection_value(p, f, &close):
-                return None
-        elif kind == K_PROXY_CONN:
-            if not _is(p + f.value, f.value_len, b"keep-alive", 10):
+        elif kind == K_CONN or kind == K_PROXY_CONN or kind == K_VIA:
+            if not _hop_field(p, f, kind, i, &close, &via_i):
                 return None
         elif kind == K_XFF:
             if xff_i >= 0:
                 return None
             xff_i = i
-        elif kind == K_VIA:
-            if via_i >= 0:
-                return None
-            via_i = i
         elif kind == K_XRID:
             if rid_i < 0 and 0 < f.value_len <= MAX_REQUEST_ID:
                 valid = True
@@ -668,16 +677,9 @@ def scan_response(
                 size += f.name_len + f.value_len + 4
             else:
                 f.kind = K_DROP
-        elif kind == K_CONN:
-            if not _connection_value(p, f, &upstream_close):
+        elif kind == K_CONN or kind == K_PROXY_CONN or kind == K_VIA:
+            if not _hop_field(p, f, kind, i, &upstream_close, &via_i):
                 return None
-        elif kind == K_PROXY_CONN:
-            if not _is(p + f.value, f.value_len, b"keep-alive", 10):
-                return None
-        elif kind == K_VIA:
-            if via_i >= 0:
-                return None
-            via_i = i
         elif kind == K_REFUSE:
             return None
     if upstream_close and close_named:
