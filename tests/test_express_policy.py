@@ -12,12 +12,15 @@ refill on command.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
 import pytest
+from hypothesis import example, given, reject, settings
+from hypothesis import strategies as st
 
 import fastedge._core.express as compiled_express
 import fastedge._core.express_py as python_express
@@ -27,7 +30,7 @@ from fastedge.config import Config, parse_config
 from fastedge.errors import ProxyError
 from fastedge.filters import FilterChain, FilterContext, Runtime, build_route_filters
 from fastedge.filters.account import AccountChecker
-from fastedge.filters.auth import AuthFilter, AuthState, Verified
+from fastedge.filters.auth import AuthFilter, AuthState, Verified, _bearer
 from fastedge.filters.express import ExpressContext, admit
 from fastedge.filters.ratelimit import RateLimitFilter, build_rate_limit_filter
 from fastedge.observe.metrics import Metrics
@@ -764,3 +767,484 @@ def test_start_span_parent_trace_wins_over_a_given_trace_id() -> None:
     child = tracer.start_span("inner", local, trace_id=given)
     assert child.trace_id == parent_id and child.parent_span_id == local.span_id
     assert child.recording is True
+
+
+# --------------------------------------------------------------------------- 8. session 14:
+# the lane's time window (Verified.fresh_from/fresh_until), its inline "Bearer <token>"
+# parse, and Verified.memo (a claim-keyed rate limit's key computed once per token).
+
+_ORDINARY_TIMES = st.integers(1_600_000_000, 1_900_000_000) | st.floats(1.6e9, 1.9e9)
+_ODD_TIMES = st.sampled_from(
+    [0, 0.0, 1, -5.0, 1e-300, 1e15, 1e15 + 0.5, 2.0**53, 2**53 + 1, 1e300, -1e300]
+) | st.floats(-1e20, 1e20)
+_TIMES = st.none() | _ORDINARY_TIMES | _ODD_TIMES
+_LEEWAYS = st.sampled_from([0, 0.0, 30, 60, 300, 0.001]) | st.floats(0, 300)
+_MAX_AGES = st.none() | st.sampled_from([1, 600, 1e5, 1e-6]) | st.floats(1e-9, 1e5)
+
+
+def auth_state(leeway: float, max_age: float | None) -> AuthState:
+    """Policy ``p`` with ``leeway`` and ``max_age`` set through its configuration."""
+    policy: dict[str, Any] = {**HS_POLICY, "leeway": leeway}
+    if max_age is not None:
+        policy["max_age"] = max_age
+    cfg = config({"auth": "p"}, auth=policy)
+    return auth_filter(cfg, Runtime(metrics=Metrics()), Clock()).state
+
+
+def entry_with(exp: float | None, nbf: float | None, iat: float | None) -> Verified:
+    """A verified entry with only these times (the window is not set on it)."""
+    return Verified({}, None, exp, nbf, iat, ())
+
+
+def edge_times(state: AuthState, entry: Verified) -> list[float]:
+    """The window's ends, each rule's exact edge, and the floats next to all of them."""
+    lo, hi = state.fresh_window(entry)
+    leeway = state.leeway
+    edges = [lo, hi]
+    if math.isfinite(lo) and math.isfinite(hi):
+        edges.append(lo + (hi - lo) / 2)
+    if entry.exp is not None:
+        edges.append(entry.exp + leeway)
+    if entry.nbf is not None:
+        edges.append(entry.nbf - leeway)
+    if entry.iat is not None:
+        edges.append(entry.iat - leeway)
+        if state.max_age is not None:
+            edges.append(entry.iat + state.max_age + leeway)
+    out: list[float] = []
+    for t in edges:
+        t = float(t)
+        out += [t, math.nextafter(t, -math.inf), math.nextafter(t, math.inf)]
+    return [t for t in out if math.isfinite(t)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    exp=_TIMES,
+    nbf=_TIMES,
+    iat=_TIMES,
+    leeway=_LEEWAYS,
+    max_age=_MAX_AGES,
+    more=st.lists(_ORDINARY_TIMES | _ODD_TIMES, max_size=8),
+)
+def test_fresh_window_is_inside_what_check_times_accepts(
+    exp: float | None,
+    nbf: float | None,
+    iat: float | None,
+    leeway: float,
+    max_age: float | None,
+    more: list[float],
+) -> None:
+    """Soundness of the lane's two comparisons: every ``now`` with ``lo <= now < hi``
+    is a time ``check_times`` accepts (so the lane never serves a token the general
+    path would refuse), at the ends, next to them, at every rule's edge and anywhere.
+    An empty window is ``(inf, -inf)``."""
+    state = auth_state(leeway, max_age)
+    entry = entry_with(exp, nbf, iat)
+    lo, hi = state.fresh_window(entry)
+    assert lo < hi or (lo, hi) == (math.inf, -math.inf)
+    for now in [*edge_times(state, entry), *map(float, more)]:
+        if lo <= now < hi:
+            assert state.check_times(entry, now) is None, (now, lo, hi)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    iat=_ORDINARY_TIMES,
+    lifetime=st.integers(1, 10**6) | st.floats(1, 1e6),
+    nbf_before=st.none() | st.floats(0, 3600),
+    leeway=_LEEWAYS,
+    max_age=st.none() | st.floats(1, 1e5),
+    offset=st.floats(-1e4, 2e6),
+)
+def test_fresh_window_misses_only_the_last_millisecond_of_realistic_tokens(
+    iat: float,
+    lifetime: float,
+    nbf_before: float | None,
+    leeway: float,
+    max_age: float | None,
+    offset: float,
+) -> None:
+    """Tokens of today's dates: any ``now`` that ``check_times`` accepts and that is more
+    than 2 ms from every rule's edge is inside the window (the lane serves it); edges
+    themselves are for the general path."""
+    state = auth_state(leeway, max_age)
+    entry = entry_with(iat + lifetime, None if nbf_before is None else iat - nbf_before, iat)
+    lo, hi = state.fresh_window(entry)
+    now = iat + offset
+    edges = [t for t in edge_times(state, entry) if t not in (lo, hi)]
+    if state.check_times(entry, now) is None and all(abs(now - t) > 0.002 for t in edges):
+        assert lo <= now < hi, (now, lo, hi)
+
+
+@pytest.mark.parametrize("leeway", [0, 60])
+@pytest.mark.parametrize("max_age", [None, 600])
+@pytest.mark.parametrize("now", [NOW, 1_700_000_000.25, 1_700_000_001])
+def test_fresh_window_of_an_ordinary_token(leeway: int, max_age: int | None, now: float) -> None:
+    """``exp = iat + 3600``, issued 10 s ago: a window that holds the present and the
+    middle of the token's life, which ``check_times`` accepts; without max_age its upper
+    end is the exact exp rule, where ``check_times`` refuses."""
+    state = auth_state(leeway, max_age)
+    iat = now - 10
+    entry = entry_with(iat + 3600, None, iat)
+    lo, hi = state.fresh_window(entry)
+    assert lo < hi
+    middle = lo + (hi - lo) / 2
+    for t in (middle, now, lo, math.nextafter(hi, -math.inf)):
+        assert lo <= t < hi
+        assert state.check_times(entry, t) is None, t
+    if max_age is None:
+        assert state.check_times(entry, hi) is not None  # exp's end is exact: refused there
+    # The lower end is the issue time (less leeway) and a millisecond.
+    assert lo == pytest.approx(iat - leeway + 0.001, abs=1e-6)
+
+
+def test_validated_entries_carry_their_window_and_the_lane_uses_it() -> None:
+    """``validate`` stores ``fresh_window``'s answer on the entry it caches; the lane
+    accepts at ``fresh_from`` and just below ``fresh_until``, and refuses just outside
+    (where the general path still decides, here accepting)."""
+    cfg = config({"auth": "p"}, auth={**HS_POLICY, "max_age": "10m"})
+    clock = Clock()
+    f = auth_filter(cfg, Runtime(metrics=Metrics()), clock)
+    token = hs(claims(NOW, exp=int(NOW) + 3600))
+    cache_token(f, token)
+    state = f.state
+    assert state.cache is not None
+    entry = state.cache.get(hashlib.sha256(token.encode()).digest(), now=NOW)
+    assert isinstance(entry, Verified)
+    assert (entry.fresh_from, entry.fresh_until) == state.fresh_window(entry)
+    assert entry.fresh_from <= NOW < entry.fresh_until
+
+    def lane_at(t: float) -> bool:
+        clock.now = t
+        return bool(f.express_check(ExpressContext(scan(bearer(token)), CLIENT_IP, ROUTE)))
+
+    assert lane_at(entry.fresh_from)
+    assert lane_at(math.nextafter(entry.fresh_until, -math.inf))
+    assert not lane_at(math.nextafter(entry.fresh_from, -math.inf))
+    # Just below the lane's window, check_times still accepts: the general path does.
+    assert state.check_times(entry, clock.now) is None
+    assert f.on_request(general_ctx(scan(bearer(token)))) is None
+    assert not lane_at(entry.fresh_until)
+
+
+class AuthOnly:
+    """A request as ``AuthFilter.express_check`` reads it: its Authorization value
+    only, any bytes (the scanner would refuse many; this checks the parse alone)."""
+
+    __slots__ = ("authorization",)
+
+    def __init__(self, authorization: bytes | None) -> None:
+        self.authorization = authorization
+
+
+_TOKEN = hs(claims(NOW)).encode()
+_SCHEMES = st.sampled_from([b"Bearer", b"bearer", b"BEARER", b"BeArEr", b"Basic", b"Bearerx", b""])
+_SPACES = st.sampled_from([b"", b" ", b"  ", b"\t", b" \t", b"\t ", b"   "])
+_TOKENS = st.sampled_from(
+    [
+        _TOKEN,
+        _TOKEN[:-1],
+        _TOKEN + b"x",
+        _TOKEN + b" x",
+        b"x " + _TOKEN,
+        _TOKEN.replace(b".", b" "),
+        b"",
+        b"a.b.c",
+        b"Basic x",
+        b"Bearer",
+    ]
+)
+_WIRE_VALUES = st.builds(
+    lambda lead, scheme, sep, token, trail: lead + scheme + sep + token + trail,
+    _SPACES,
+    _SCHEMES,
+    _SPACES,
+    _TOKENS,
+    _SPACES,
+) | st.sampled_from([b"Basic x", b"Bearer", b"Bearer ", b"", _TOKEN, b"Bearer " + _TOKEN])
+_ODD_BYTES = st.sampled_from(
+    [b"\x0b", b"\x0c", b"\r", b"\n", b"\x00", b"\x1f", b"\x7f", b"\x85", b"\xa0", b"\xff"]
+)
+_ANY_VALUES = (
+    _WIRE_VALUES
+    | st.builds(
+        lambda odd, v, where: odd + v if where else v + odd, _ODD_BYTES, _WIRE_VALUES, st.booleans()
+    )
+    | st.builds(
+        lambda scheme, odd, token: scheme + odd + token, _SCHEMES, _ODD_BYTES | _SPACES, _TOKENS
+    )
+    | st.binary(max_size=20)
+    | st.binary(max_size=20).map(lambda b: b"Bearer " + b)
+)
+
+
+def lane_filter() -> AuthFilter:
+    """Policy ``p`` on the test clock with ``_TOKEN`` cached."""
+    cfg = config({"auth": "p"}, auth=HS_POLICY)
+    f = auth_filter(cfg, Runtime(metrics=Metrics()), Clock())
+    cache_token(f, _TOKEN.decode())
+    return f
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=_ANY_VALUES)
+@example(value=b"Bearer " + _TOKEN)
+@example(value=b"Bearer  " + _TOKEN)
+@example(value=b"Bearer " + _TOKEN + b" ")
+@example(value=b"Bearer " + _TOKEN + b"\x0b")
+@example(value=b"Bearer " + _TOKEN + b"\x1f")
+@example(value=b"Bearer \t" + _TOKEN)
+@example(value=b"Bearer \x0b" + _TOKEN)
+@example(value=b"bearer " + _TOKEN)
+@example(value=b" Bearer " + _TOKEN)
+@example(value=b"Bearer")
+@example(value=b"Bearer ")
+@example(value=b"Bearer x")
+def test_inline_bearer_parse_is_bearer(value: bytes) -> None:
+    """Any Authorization bytes: the lane accepts exactly when ``_bearer`` finds the
+    cached token in them (the inline ``"Bearer <token>"`` parse and the fallback to
+    ``_bearer`` together are ``_bearer``)."""
+    f = lane_filter()
+    x = ExpressContext(AuthOnly(value), CLIENT_IP, ROUTE)
+    assert f.express_check(x) is (_bearer(value) == _TOKEN)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_WIRE_VALUES)
+def test_lane_and_general_path_read_the_same_token(value: bytes) -> None:
+    """Through the real scanner (values it refuses are skipped): the lane accepts
+    exactly when ``_bearer`` of the value, as sent or as scanned, is the cached token;
+    and whatever the lane accepts, the general path accepts too."""
+    data = b"GET /r HTTP/1.1\r\nHost: example.test\r\nAuthorization: %s\r\n\r\n" % value
+    req = scan_request(data, CLIENT_IP, b"http", b"1.1 fastedge", 8192, 8192, 100)
+    if req is None:
+        reject()  # the scanner refuses it: the general path has it all
+    assert req.authorization is not None  # one Authorization field
+    f = lane_filter()
+    expected = _bearer(value) == _TOKEN
+    assert (_bearer(req.authorization) == _TOKEN) is expected
+    accepted = f.express_check(ExpressContext(req, CLIENT_IP, ROUTE))
+    assert accepted is expected
+    if accepted:
+        assert f.on_request(general_ctx(req)) is None
+    elif _bearer(value) is None:
+        assert isinstance(f.on_request(general_ctx(req)), ProxyError)
+
+
+def test_the_inline_parse_covers_the_usual_form() -> None:
+    """The common spelling is accepted, and every near miss resolves like ``_bearer``."""
+    f = lane_filter()
+
+    def lane(value: bytes) -> bool:
+        return bool(f.express_check(ExpressContext(AuthOnly(value), CLIENT_IP, ROUTE)))
+
+    assert lane(b"Bearer " + _TOKEN)
+    assert lane(b"bearer " + _TOKEN)  # the scheme is case-insensitive (fallback)
+    assert lane(b"Bearer  " + _TOKEN)  # extra spaces before the token (fallback)
+    assert lane(b"Bearer " + _TOKEN + b"  ")  # trailing spaces (fallback)
+    assert lane(b"Bearer " + _TOKEN + b"\t")  # trailing whitespace, stripped
+    assert not lane(b"Bearer \t" + _TOKEN)  # a tab inside is part of the token
+    assert not lane(b"Bearer\t" + _TOKEN)  # the scheme ends at a space
+    assert not lane(b"Bearer")
+    assert not lane(b"Bearer ")
+    assert not lane(b"Basic " + _TOKEN)
+    assert not lane(b"Bearer " + _TOKEN + b"x")
+
+
+# -- a rate limit keyed by a claim, behind auth
+
+
+def ctx_from(req: Any, client_ip: bytes) -> FilterContext:
+    """:func:`general_ctx` from another client address."""
+    ctx = general_ctx(req)
+    ctx.client_ip = client_ip
+    return ctx
+
+
+IP_A, IP_B, IP_C = b"10.0.0.1", b"10.0.0.2", b"10.0.0.3"
+
+
+def claim_keyed(limit: int, key: str = "claim:sub") -> tuple[FilterChain, AuthFilter]:
+    """Auth ``p`` (only ``exp`` required, so tokens without ``sub`` pass) and a local
+    limit of ``limit`` per 10 s keyed by ``key``; fresh clocks and counters."""
+    cfg = config(
+        {"auth": "p", "rate_limit": "l"},
+        auth={**HS_POLICY, "required_claims": ["exp"]},
+        rate_limits={"l": {**SW2, "limit": limit, "key": key}},
+    )
+    rt = Runtime(metrics=Metrics())
+    auth = auth_filter(cfg, rt, Clock())
+    chain = FilterChain([auth, limit_filter(cfg, rt, FakeClock())])
+    assert chain.express_admit is not None
+    return chain, auth
+
+
+def on_lane(chain: FilterChain, token: str, ip: bytes) -> bool:
+    assert chain.express_admit is not None
+    return chain.express_admit(scan(bearer(token)), ip, ROUTE) is not None
+
+
+def on_general_path(chain: FilterChain, token: str, ip: bytes) -> bool:
+    answer = chain.run_request(ctx_from(scan(bearer(token)), ip))
+    if answer is None:
+        return True
+    assert isinstance(answer, ProxyError) and answer.status == 429, answer
+    return False
+
+
+def decisions(
+    path: Any, limit: int, steps: list[tuple[str, bytes]], key: str = "claim:sub"
+) -> list[bool]:
+    """``path``'s answers for ``(token, client ip)`` steps on a fresh chain, tokens cached."""
+    chain, auth = claim_keyed(limit, key)
+    for token in {token for token, _ in steps}:
+        cache_token(auth, token)
+    return [path(chain, token, ip) for token, ip in steps]
+
+
+ALICE = hs(claims(NOW))
+NO_SUB = hs(claims(NOW, sub=None))
+
+
+def test_claim_keyed_limit_shares_one_bucket_across_addresses() -> None:
+    """A token with ``sub``: its requests from A and B take from one bucket of 2, on
+    the lane as on the general path."""
+    steps = [(ALICE, IP_A), (ALICE, IP_B), (ALICE, IP_A), (ALICE, IP_B), (ALICE, IP_C)]
+    expected = [True, True, False, False, False]
+    assert decisions(on_lane, 2, steps) == expected
+    assert decisions(on_general_path, 2, steps) == expected
+
+
+def test_without_the_claim_each_address_has_its_bucket() -> None:
+    """A token without ``sub`` keys by the client address of each request, not of the
+    first one: the same token from A and B has two buckets of 1 (on the lane, the memo
+    must hold "no claim", not A's address)."""
+    steps = [(NO_SUB, IP_A), (NO_SUB, IP_B), (NO_SUB, IP_A), (NO_SUB, IP_B), (NO_SUB, IP_C)]
+    expected = [True, True, False, False, True]
+    assert decisions(on_lane, 1, steps) == expected
+    assert decisions(on_general_path, 1, steps) == expected
+
+
+def test_with_and_without_the_claim_from_one_address() -> None:
+    """From one address, the token with ``sub`` (key ``c=alice``) and the one without
+    (key: the address) do not share a bucket; a second address shares alice's."""
+    steps = [(NO_SUB, IP_A), (ALICE, IP_A), (ALICE, IP_B), (NO_SUB, IP_B), (NO_SUB, IP_A)]
+    expected = [True, True, False, True, False]
+    assert decisions(on_lane, 1, steps) == expected
+    assert decisions(on_general_path, 1, steps) == expected
+
+
+def test_lane_and_general_path_take_from_the_same_buckets() -> None:
+    """Alternating paths on one chain: the lane's key is the general path's key, byte
+    for byte, with and without the claim (each refuses what the other spent)."""
+    chain, auth = claim_keyed(1)
+    cache_token(auth, ALICE)
+    cache_token(auth, NO_SUB)
+    assert on_lane(chain, NO_SUB, IP_A)
+    assert on_general_path(chain, NO_SUB, IP_B)
+    assert not on_lane(chain, NO_SUB, IP_B)
+    assert not on_general_path(chain, NO_SUB, IP_A)
+    assert on_general_path(chain, ALICE, IP_C)
+    assert not on_lane(chain, ALICE, IP_A)
+
+
+@pytest.mark.parametrize(
+    ("tenant", "shared"),
+    [("acme", True), (7, True), ("", False), (True, False), (None, False), (["x"], False)],
+    ids=["string", "int", "empty", "bool", "absent", "list"],
+)
+def test_claim_keys_by_value_type(tenant: Any, shared: bool) -> None:
+    """``claim:tenant``: a non-empty string or an int is the key (one bucket across
+    addresses); anything else falls back to each request's address; lane = general."""
+    token = hs(claims(NOW, tenant=tenant))
+    steps = [(token, IP_A), (token, IP_B), (token, IP_A), (token, IP_C)]
+    expected = [True, False, False, False] if shared else [True, True, False, True]
+    assert decisions(on_lane, 1, steps, "claim:tenant") == expected
+    assert decisions(on_general_path, 1, steps, "claim:tenant") == expected
+
+
+# -- Verified.memo
+
+
+def cached_entry(auth: AuthFilter, token: str) -> Verified:
+    state = auth.state
+    assert state.cache is not None
+    entry = state.cache.get(hashlib.sha256(token.encode()).digest(), now=state.clock())
+    assert isinstance(entry, Verified)
+    return entry
+
+
+def test_memo_lives_with_the_verified_entry() -> None:
+    """One admit: the context's memo is the cached entry's, holding one key for the
+    claim-keyed policy (``c=alice``; ``b""`` for a token without the claim). Each token
+    has its own; more requests add nothing; the general path leaves it alone."""
+    chain, auth = claim_keyed(10)
+    bob = hs(claims(NOW, sub="bob"))
+    for token in (ALICE, bob, NO_SUB):
+        cache_token(auth, token)
+    limit = chain.filters[1]
+    assert isinstance(limit, RateLimitFilter)
+    claim_key = limit.policies[0].claim_key
+    assert claim_key is not None
+    alice_entry = cached_entry(auth, ALICE)
+    assert alice_entry.memo == {}
+    assert chain.express_admit is not None
+    x = chain.express_admit(scan(bearer(ALICE)), IP_A, ROUTE)
+    assert x is not None
+    assert x.auth is alice_entry and x.memo is alice_entry.memo
+    assert alice_entry.memo == {claim_key: b"c=alice"}
+    bob_entry = cached_entry(auth, bob)
+    assert bob_entry.memo == {} and bob_entry.memo is not alice_entry.memo
+    assert on_lane(chain, bob, IP_B)
+    assert bob_entry.memo == {claim_key: b"c=bob"}
+    assert alice_entry.memo == {claim_key: b"c=alice"}
+    assert on_lane(chain, NO_SUB, IP_A)
+    assert cached_entry(auth, NO_SUB).memo == {claim_key: b""}
+    for ip in (IP_A, IP_B, IP_C):
+        assert on_lane(chain, ALICE, ip)
+        assert on_general_path(chain, ALICE, ip)
+    assert alice_entry.memo == {claim_key: b"c=alice"}
+    assert cached_entry(auth, NO_SUB).memo == {claim_key: b""}
+
+
+def test_the_lane_keys_by_the_memo() -> None:
+    """The lane reads the key from the memo, not the claims, once it is there: a memo
+    holding bob's key makes alice's next request spend bob's bucket."""
+    chain, auth = claim_keyed(1)
+    bob = hs(claims(NOW, sub="bob"))
+    cache_token(auth, ALICE)
+    cache_token(auth, bob)
+    assert on_lane(chain, ALICE, IP_A)  # fills the memo (and spends alice's only token)
+    entry = cached_entry(auth, ALICE)
+    (claim_key,) = entry.memo
+    entry.memo[claim_key] = b"c=bob"
+    assert on_lane(chain, ALICE, IP_A)  # bob's bucket, not alice's spent one
+    assert not on_lane(chain, bob, IP_B)
+
+
+@pytest.mark.parametrize(
+    ("route", "rate_limits"),
+    [
+        ({"auth": "p"}, None),
+        ({"auth": "p", "rate_limit": "l"}, {"l": SW2}),
+        ({"auth": "p", "rate_limit": "l"}, {"l": {**SW2, "key": "header:x-api-key"}}),
+    ],
+    ids=["auth-only", "ip-keyed", "header-keyed"],
+)
+def test_memo_stays_empty_without_a_claim_keyed_policy(
+    route: dict[str, Any], rate_limits: dict[str, Any] | None
+) -> None:
+    """Only a claim-keyed limit writes to the memo; the lane still admits."""
+    cfg = config(route, auth=HS_POLICY, rate_limits=rate_limits)
+    rt = Runtime(metrics=Metrics())
+    auth = auth_filter(cfg, rt, Clock())
+    filters: list[Any] = [auth]
+    if rate_limits is not None:
+        filters.append(limit_filter(cfg, rt, FakeClock()))
+    chain = FilterChain(filters)
+    assert chain.express_admit is not None
+    cache_token(auth, ALICE)
+    x = chain.express_admit(scan(bearer(ALICE)), CLIENT_IP, ROUTE)
+    assert x is not None and x.memo is cached_entry(auth, ALICE).memo
+    assert x.memo == {}

@@ -44,7 +44,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -100,6 +100,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("fastedge.auth")
+
+_sha256: Final = hashlib.sha256  # the token cache's key; bound once, hashed per request
 
 # --------------------------------------------------------------------------- algorithms
 
@@ -624,6 +626,12 @@ class Verified:
     iat: float | None
     headers: tuple[tuple[bytes, bytes], ...]  # the forwarded claim fields
     wire: bytes = b""  # the same as field lines, for the proxy's express lane
+    # The express lane's time test (AuthState.fresh_window): inside, check_times accepts.
+    fresh_from: float = -math.inf
+    fresh_until: float = math.inf
+    # Values other policies derive from these claims alone (a rate-limit key by claim),
+    # kept as long as the entry: the express lane's ExpressContext.memo.
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 _EXPIRED: Final = Rejection("expired", "token expired")
@@ -653,6 +661,9 @@ _DECODE_OPTIONS: Final[Any] = {
     "verify_jti": False,
     "require": [],
 }
+# How far the express lane's time window (AuthState.fresh_window) stays inside the
+# nbf/iat/max_age bounds: far more than float rounding of NumericDates before year 30000.
+_EDGE: Final = 1e-3
 # A token without exp is cached this long at most (a removed key or a disabled account
 # must take effect eventually); tokens with exp stay until they expire.
 _MAX_CACHE_TTL: Final = 300.0
@@ -783,6 +794,7 @@ class AuthState:
             result: (("policy", self.name), ("result", result))
             for result in ("ok", "invalid", "expired", "disabled", "missing", "unavailable")
         }
+        self.ok_counter = runtime.metrics.counter(METRIC, self.labels["ok"])  # the lane's
 
     async def aclose(self) -> None:
         """Cancel a JWKS fetch in flight."""
@@ -909,7 +921,39 @@ class AuthState:
         wire = b"".join(b"%s: %s\r\n" % h for h in headers)
         entry = Verified(claims, sub, times[0], times[1], times[2], tuple(headers), wire)
         why = self.check_times(entry, now)
-        return why if why is not None else entry
+        if why is not None:
+            return why
+        fresh_from, fresh_until = self.fresh_window(entry)
+        return replace(entry, fresh_from=fresh_from, fresh_until=fresh_until)
+
+    def fresh_window(self, entry: Verified) -> tuple[float, float]:
+        """``[from, until)``: times at which :meth:`check_times` accepts ``entry``, for the
+        express lane's two comparisons. Empty when no such time is found.
+
+        Each rule accepts a set closed upwards (nbf, iat not in the future) or downwards
+        (exp, ``max_age``) in time, since float addition is monotonic; so if both ends
+        pass, every time between does. The bounds from nbf and iat are pulled in by a
+        millisecond against the rounding of the sums; the exp bound is the very sum
+        ``check_times`` compares with. A request at an edge takes the general path, which
+        decides exactly.
+        """
+        leeway = self.leeway
+        lo, hi = -math.inf, math.inf
+        if entry.exp is not None:
+            hi = entry.exp + leeway
+        if entry.nbf is not None:
+            lo = entry.nbf - leeway + _EDGE
+        if entry.iat is not None:
+            lo = max(lo, entry.iat - leeway + _EDGE)
+            if self.max_age is not None:
+                hi = min(hi, entry.iat + self.max_age + leeway - _EDGE)
+        if not (
+            lo < hi
+            and self.check_times(entry, lo) is None
+            and self.check_times(entry, math.nextafter(hi, -math.inf)) is None
+        ):
+            return math.inf, -math.inf
+        return lo, hi
 
     def remember(self, digest: bytes, entry: Verified, now: float) -> None:
         """Cache a verified token until it expires (at most ``_MAX_CACHE_TTL`` without exp)."""
@@ -972,23 +1016,31 @@ class AuthFilter:
     def express_check(self, x: ExpressContext) -> bool:
         """Whether the request's token is cached, in time, and its account known enabled
         (the general path's cache-hit acceptance); nothing counted."""
-        value = x.request.authorization
+        value: bytes | None = x.request.authorization
         if value is None:  # none, or several: the general path answers
             return False
-        token = _bearer(value)
+        n = len(value)
+        # "Bearer <token>" as clients write it, without a call: what _bearer returns
+        # for it (the token starts and ends with no space). _bearer has the rest.
+        if n > 7 and value[n - 1] > 32 and value[7] != 32 and value.startswith(b"Bearer "):
+            token: bytes | None = value[7:]
+        else:
+            token = _bearer(value)
         state = self.state
-        if token is None or state.cache is None:
+        cache = state.cache
+        if token is None or cache is None:
             return False
-        now = state.clock()
+        now: float = state.clock()
         # The digest each time: remembering token -> digest would keep raw tokens.
-        entry: Verified | None = state.cache.get(hashlib.sha256(token).digest(), now=now)
-        if entry is None or state.check_times(entry, now) is not None:
-            return False
+        entry: Verified | None = cache.get(_sha256(token).digest(), now=now)
+        if entry is None or not entry.fresh_from <= now < entry.fresh_until:
+            return False  # not cached, or at or past the edge of its window (exactly: §4.1)
         account = state.account
         if account is not None and entry.sub is not None and account.cached(entry.sub) is not False:
             return False
         x.auth = entry
         x.claims = entry.claims
+        x.memo = entry.memo
         return True
 
     def express_apply(self, x: ExpressContext) -> None:
@@ -998,7 +1050,7 @@ class AuthFilter:
         x.drop += state.drop_names
         x.fields += entry.headers
         x.extra += entry.wire
-        state.metrics.inc(METRIC, state.labels["ok"])
+        state.ok_counter.inc()
 
     def on_request(self, ctx: FilterContext) -> ProxyError | Awaitable[ProxyError | None] | None:
         """Verify the bearer token; synchronous on a cache hit."""
@@ -1035,7 +1087,7 @@ class AuthFilter:
         if token is None:
             return self._missing()
         now = state.clock()
-        digest = hashlib.sha256(token).digest()
+        digest = _sha256(token).digest()
         cache = state.cache
         if cache is not None:
             # Only verified tokens are cached, so a hit is well-formed: the syntax check

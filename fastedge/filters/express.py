@@ -10,7 +10,7 @@ the data path (setup.py) since it runs for each such request.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol  # noqa: F401 (Any is used in type comments)
 
 __all__ = ["ExpressContext", "ExpressPolicy", "admit"]
 
@@ -22,19 +22,37 @@ class ExpressContext:
     It answers the questions a rate-limit key asks of a :class:`FilterContext`
     (``client_ip``, ``route``, ``claims``, ``header()``), and collects what the request
     sent upstream must lose (``drop``: lower-case field names) and gain (``fields``, the
-    same as whole lines in ``extra``).
+    same as whole lines in ``extra``). ``memo`` is a dict that lives as long as the
+    verified credential, for values derived from its claims alone (a rate-limit key).
     """
 
-    __slots__ = ("auth", "claims", "client_ip", "drop", "extra", "fields", "request", "route")
+    __slots__ = (
+        "auth",
+        "claims",
+        "client_ip",
+        "drop",
+        "extra",
+        "fields",
+        "memo",
+        "request",
+        "route",
+    )
 
-    def __init__(self, request: Any, client_ip: bytes, route: str) -> None:
+    # Compiled, a C struct (express.pxd): the lane makes one per request, and the
+    # policies read and extend it without dictionary lookups.
+    def __init__(self, request, client_ip, route):  # type: (Any, bytes, str) -> None
+        # Types as comments: annotations here would clash with express.pxd.
         self.request = request  # fastedge._core.ExpressRequest
         self.client_ip = client_ip
         self.route = route
-        self.claims: dict[str, Any] | None = None  # set by auth's check: verified claims
-        self.auth: Any = None  # auth's verified entry, between its check and apply
-        self.drop: tuple[bytes, ...] = ()
-        self.fields: tuple[tuple[bytes, bytes], ...] = ()
+        # Set by auth's check: the verified claims, and its entry (until its apply).
+        self.claims = None  # type: dict[str, Any] | None
+        self.auth = None  # type: Any
+        # Values derived from the verified claims alone, kept with them by auth
+        # (Verified.memo) so that later policies compute them once per token.
+        self.memo = None  # type: dict[Any, Any] | None
+        self.drop = ()  # type: tuple[bytes, ...]
+        self.fields = ()  # type: tuple[tuple[bytes, bytes], ...]
         self.extra = b""
 
     def header(self, name: bytes) -> bytes | None:
@@ -69,9 +87,8 @@ class ExpressPolicy(Protocol):
     def express_apply(self, x: ExpressContext) -> None: ...
 
 
-def admit(
-    filters: tuple[ExpressPolicy, ...], request: Any, client_ip: bytes, route: str
-) -> ExpressContext | None:
+# A type comment: the compiled build declares admit cpdef in express.pxd.
+def admit(filters, request, client_ip, route):  # type: (tuple[ExpressPolicy, ...], Any, bytes, str) -> ExpressContext | None
     """Decide ``request`` on the express lane: every filter's check in order, then every
     filter's apply; the decisions, or ``None`` for the general path (nothing happened).
 

@@ -262,16 +262,33 @@ def _key_function(source: str) -> Callable[[KeySource], bytes]:
 
         return by_header
 
+    claim_key = _claim_key_function(source)
+    assert claim_key is not None
+
     def by_claim(ctx: KeySource) -> bytes:
-        claims = ctx.claims
+        key = claim_key(ctx.claims)
+        return ctx.client_ip if key is None else key
+
+    return by_claim
+
+
+def _claim_key_function(source: str) -> Callable[[dict[str, Any] | None], bytes | None] | None:
+    """For a ``claim:NAME`` source, ``claims -> key``, or ``None`` when the claim gives
+    none (the caller falls back to the client IP); ``None`` for other sources. The key
+    depends on the claims alone, so the express lane keeps it with the verified token."""
+    kind, _, name = source.partition(":")
+    if kind != "claim":
+        return None
+
+    def claim_key(claims: dict[str, Any] | None) -> bytes | None:
         value = claims.get(name) if claims else None
         if isinstance(value, str) and value:
             return _long(b"c=" + value.encode("utf-8", "surrogatepass"))
         if isinstance(value, int) and not isinstance(value, bool):
             return b"c=" + str(value).encode()
-        return ctx.client_ip
+        return None
 
-    return by_claim
+    return claim_key
 
 
 # --------------------------------------------------------------------------- policies
@@ -289,8 +306,10 @@ class _Policy:
 
     __slots__ = (
         "_limited_labels",
+        "allowed_counter",
         "allowed_labels",
         "always",
+        "claim_key",
         "clock",
         "config",
         "key_of",
@@ -305,9 +324,11 @@ class _Policy:
         self.clock = clock
         self.metrics = runtime.metrics
         self.key_of = _key_function(cfg.key)
+        self.claim_key = _claim_key_function(cfg.key)
         self.always = cfg.headers == "always"
         self.allowed_labels = (("policy", cfg.name), ("result", "allowed"))
         self._limited_labels = (("policy", cfg.name), ("result", "limited"))
+        self.allowed_counter = runtime.metrics.counter(RATELIMIT_TOTAL, self.allowed_labels)
         # draft-ietf-httpapi-ratelimit-headers-08..-11 (the current syntax): each field is
         # a Structured-Field List whose items are the policy name as an sf-string with
         # parameters: RateLimit-Policy q (quota) and w (window, whole seconds, optional);
@@ -333,7 +354,7 @@ class _Policy:
         return (cfg.burst - remaining) / cfg.rate
 
     def allowed(self, ctx: FilterContext, remaining: int, seconds: float) -> Decision:
-        self.metrics.inc(RATELIMIT_TOTAL, self.allowed_labels)
+        self.allowed_counter.inc()
         if self.always:
             t = math.ceil(self.reset_seconds(remaining, seconds))
             ctx.response_headers.extend(self._fields(remaining, t))
@@ -516,9 +537,21 @@ class RateLimitFilter:
         count only what they allow) and the general path answers it."""
         policy = self._only
         assert isinstance(policy, _LocalPolicy)
-        allowed, _, _ = policy.limiter(policy.key_of(x), 1, policy.clock())
+        claim_key = policy.claim_key
+        memo = x.memo
+        if claim_key is not None and memo is not None:
+            # Keyed by a claim of a verified token: computed once per token (b"": the
+            # token has no such claim, and the client IP is the key, as in by_claim).
+            key = memo.get(claim_key)
+            if key is None:
+                key = memo[claim_key] = claim_key(x.claims) or b""
+            if not key:
+                key = x.client_ip
+        else:
+            key = policy.key_of(x)
+        allowed, _, _ = policy.limiter(key, 1, policy.clock())
         if allowed:
-            policy.metrics.inc(RATELIMIT_TOTAL, policy.allowed_labels)
+            policy.allowed_counter.inc()
         return allowed
 
     def express_apply(self, x: ExpressContext) -> None:
