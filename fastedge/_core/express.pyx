@@ -19,7 +19,13 @@ holds both to the general path, byte for byte.
 import os
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.string cimport memcmp, memcpy
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from libc.string cimport memchr, memcmp, memcpy
+
+
+cdef extern from "Python.h":
+    int _PyBytes_Resize(PyObject** obj, Py_ssize_t size) except -1
 
 # --------------------------------------------------------------------------------------
 # Character classes (RFC 9110 §5.6.2 tchar; field-value VCHAR; a conservative subset of
@@ -253,10 +259,8 @@ cdef char* _put_kept(char* w, const unsigned char* block, Py_ssize_t n, tuple dr
         colon = pos
         while block[colon] != 58:
             colon += 1
-        eol = colon
-        while block[eol] != 10:
-            eol += 1
-        eol += 1
+        # The line's end: memchr, since values (a bearer token) can be long.
+        eol = <const unsigned char*>memchr(block + colon, 10, n - colon) - block + 1
         keep = True
         for name in drop:
             nlen = PyBytes_GET_SIZE(name)
@@ -427,9 +431,16 @@ cdef class ExpressRequest:
             w = _put(w, PyBytes_AS_STRING(extra), xlen)
         w[0] = 13
         w[1] = 10
+        cdef PyObject* raw
         if w + 2 - start != PyBytes_GET_SIZE(out):
-            # Lines were dropped: the bytes object is still private, so shrink it in place.
-            return out[: w + 2 - start]
+            # Lines were dropped: the bytes object is still private (one reference), so
+            # shrink it in place rather than copy a slice.
+            raw = <PyObject*>out
+            Py_INCREF(out)  # raw's reference; then out lets go of its own
+            out = None
+            _PyBytes_Resize(&raw, w + 2 - start)  # on failure raw is freed and NULL
+            out = <object>raw
+            Py_DECREF(out)  # raw's reference is now out's
         return out
 
     def headers(self):
