@@ -36,6 +36,8 @@ from typing import Any, cast
 import httptools
 import orjson
 
+from fastedge.listen import bind_numeric
+
 __all__ = [
     "Handler",
     "HttpServer",
@@ -596,5 +598,14 @@ async def start_server(
     """Listen on ``host:port`` (``0`` = ephemeral) and serve ``handler``."""
     server = HttpServer(handler, limits or Limits())
     loop = asyncio.get_running_loop()
-    server._server = await loop.create_server(lambda: _Connection(server), host, port)
+    # Bound here when it can be: create_server would start resolver threads (listen.py).
+    sock = bind_numeric(host, port)
+    if sock is None:
+        server._server = await loop.create_server(lambda: _Connection(server), host, port)
+        return server
+    try:
+        server._server = await loop.create_server(lambda: _Connection(server), sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     return server

@@ -31,6 +31,7 @@ from fastedge.config import Config, ConfigError, load_config, redacted
 from fastedge.filters import Runtime
 from fastedge.gateway import Gateway, build_gateway, make_runtime, redis_url
 from fastedge.http.engine import Engine
+from fastedge.listen import bind_numeric
 from fastedge.observe.collectors import ServerCollector, process_families
 from fastedge.observe.logging import AccessLog
 from fastedge.observe.metrics import MetricFamily, Metrics
@@ -124,15 +125,26 @@ class ProxyServer:
             )
         else:
             host, port = srv.listen
-            self._server = await self.loop.create_server(
-                factory,
-                host,
-                port,
-                ssl=ssl_ctx,
-                backlog=srv.backlog,
-                reuse_address=True,
-                reuse_port=self._reuse_port or None,
-            )
+            # Bound here when it can be: create_server would start resolver threads.
+            sock = bind_numeric(host, port, backlog=srv.backlog, reuse_port=self._reuse_port)
+            if sock is not None:
+                try:
+                    self._server = await self.loop.create_server(
+                        factory, sock=sock, ssl=ssl_ctx, backlog=srv.backlog
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
+            else:
+                self._server = await self.loop.create_server(
+                    factory,
+                    host,
+                    port,
+                    ssl=ssl_ctx,
+                    backlog=srv.backlog,
+                    reuse_address=True,
+                    reuse_port=self._reuse_port or None,
+                )
         try:
             await self._start_admin()
         except BaseException:
