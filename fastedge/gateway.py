@@ -78,7 +78,7 @@ class Target:
         self.server_hostname = (upstream.tls_server_name or cfg.host) if ssl_ctx else None
         self.breaker: CircuitBreaker | None = None  # set by a resilient Upstream
         pool = upstream.pool
-        self.pool: ConnectionPool[UpstreamConnection] = ConnectionPool(
+        self.pool = ConnectionPool(
             cfg.url,
             self.connect,
             max_connections=pool.max_connections,

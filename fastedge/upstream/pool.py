@@ -23,7 +23,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from time import monotonic
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol
 
 from fastedge.errors import Kind, ProxyError
 
@@ -40,10 +40,13 @@ class PooledConnection(Protocol):
         """Close the transport."""
 
 
-C = TypeVar("C", bound=PooledConnection)
+# The pool holds whatever its connect function makes (the proxy's UpstreamConnection;
+# fakes in tests), typed Any where it hands one out. The classes are not Generic: the
+# compiled build makes them C structs (pool.pxd), and an extension type cannot derive
+# from typing.Generic; the express lane checks a connection out and back in per request.
 
 
-class PoolState(Generic[C]):
+class PoolState:
     """The pool's bookkeeping: idle stack, counts and the wait queue, no I/O."""
 
     __slots__ = ("busy", "idle", "idle_timeout", "max_connections", "waiters")
@@ -51,18 +54,19 @@ class PoolState(Generic[C]):
     def __init__(self, max_connections: int, idle_timeout: float) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
+        # Types as comments: annotations here would clash with pool.pxd.
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
-        self.idle: deque[C] = deque()
+        self.idle = []  # type: list[Any]
         self.busy = 0  # checked out or connecting
-        self.waiters: deque[asyncio.Future[C | None]] = deque()
+        self.waiters = deque()  # type: deque[asyncio.Future[Any]]
 
     @property
     def total(self) -> int:
         """Connections counted against ``max_connections``."""
         return self.busy + len(self.idle)
 
-    def checkout(self) -> tuple[C | None, bool, list[C]]:
+    def checkout(self) -> tuple[Any, bool, list[Any]]:
         """Decide how to serve one request.
 
         Returns ``(conn, may_connect, to_close)``: a reusable idle connection, or
@@ -70,7 +74,7 @@ class PoolState(Generic[C]):
         or neither (the caller must wait). ``to_close`` are dead idle connections found on
         the way, to be closed by the caller.
         """
-        to_close: list[C] = []
+        to_close: list[Any] = []
         idle = self.idle
         while idle:
             conn = idle.pop()  # most recently used first
@@ -83,7 +87,9 @@ class PoolState(Generic[C]):
             return None, True, to_close
         return None, False, to_close
 
-    def checkin(self, conn: C | None, reusable: bool, now: float) -> tuple[C | None, bool]:
+    def checkin(
+        self, conn: PooledConnection | None, reusable: bool, now: float
+    ) -> tuple[Any, bool]:
         """A checked-out slot comes back (``conn`` None: a connect attempt failed).
 
         Returns ``(handoff, freed)``: a waiter to give ``conn`` to directly is handled by
@@ -96,15 +102,19 @@ class PoolState(Generic[C]):
             return conn, False
         return None, True
 
-    def expire(self, now: float) -> list[C]:
+    def expire(self, now: float) -> list[Any]:
         """Remove and return idle connections past ``idle_timeout`` (oldest are leftmost)."""
-        out: list[C] = []
         idle = self.idle
-        while idle and (now - idle[0].idle_since >= self.idle_timeout or not idle[0].is_usable()):
-            out.append(idle.popleft())
+        n = 0
+        while n < len(idle) and (
+            now - idle[n].idle_since >= self.idle_timeout or not idle[n].is_usable()
+        ):
+            n += 1
+        out = idle[:n]
+        del idle[:n]
         return out
 
-    def discard_idle(self, conn: C) -> bool:
+    def discard_idle(self, conn: PooledConnection) -> bool:
         """An idle connection died (upstream closed it); forget it."""
         try:
             self.idle.remove(conn)
@@ -113,7 +123,7 @@ class PoolState(Generic[C]):
         return True
 
 
-class ConnectionPool(Generic[C]):
+class ConnectionPool:
     """Asyncio side of a target's pool: connects, hands out and takes back connections."""
 
     __slots__ = (
@@ -138,25 +148,25 @@ class ConnectionPool(Generic[C]):
         wait_timeout: float,
         connect_timeout: float,
     ) -> None:
-        """``connect`` is a coroutine function opening one connection (a ``C``)."""
+        """``connect`` is a coroutine function opening one connection."""
         self.name = name
         self._connect = connect
-        self.state: PoolState[C] = PoolState(max_connections, idle_timeout)
+        self.state = PoolState(max_connections, idle_timeout)
         self.wait_timeout = wait_timeout
         self.connect_timeout = connect_timeout
         self._loop = asyncio.get_running_loop()
-        self._expire_handle: asyncio.TimerHandle | None = None
+        self._expire_handle = None  # type: asyncio.TimerHandle | None
         self._closed = False
         self._draining = False
 
-    def acquire_idle(self) -> tuple[C | None, bool]:
+    def acquire_idle(self) -> tuple[Any, bool]:
         """Synchronous fast path: ``(conn, may_connect)``; see :meth:`PoolState.checkout`."""
         conn, may_connect, to_close = self.state.checkout()
         for dead in to_close:
             dead.close()
         return conn, may_connect
 
-    def take_idle(self) -> C | None:
+    def take_idle(self) -> Any:
         """The express lane's checkout: the most recently used idle connection when it
         is usable and nobody waits, else ``None`` (nothing reserved or closed; the
         caller takes the general path, which does the full :meth:`acquire_idle`)."""
@@ -170,7 +180,7 @@ class ConnectionPool(Generic[C]):
                 return conn
         return None
 
-    def give_back(self, conn: C, reusable: bool) -> None:
+    def give_back(self, conn: Any, reusable: bool) -> None:
         """:meth:`release` for the express lane: parks a reusable connection directly
         when nobody waits and the pool is open; anything else goes through release."""
         state = self.state
@@ -186,7 +196,7 @@ class ConnectionPool(Generic[C]):
         if self._expire_handle is None:
             self._schedule_expiry()
 
-    async def acquire(self) -> tuple[C, bool]:
+    async def acquire(self) -> tuple[Any, bool]:
         """A connection for one request: ``(conn, reused)``.
 
         Raises :class:`ProxyError` (502 connect failure/timeout, 503 pool wait timeout).
@@ -197,7 +207,7 @@ class ConnectionPool(Generic[C]):
         if conn is not None:
             return conn, True
         if not may_connect:
-            waiter: asyncio.Future[C | None] = self._loop.create_future()
+            waiter: asyncio.Future[Any] = self._loop.create_future()
             self.state.waiters.append(waiter)
             try:
                 got = await asyncio.wait_for(waiter, self.wait_timeout)
@@ -226,7 +236,7 @@ class ConnectionPool(Generic[C]):
             # Woken with a free slot (got None): connect ourselves; the slot is reserved.
         return await self._open(), False
 
-    async def open_reserved(self) -> C:
+    async def open_reserved(self) -> Any:
         """Connect using the slot that :meth:`acquire_idle` reserved (``may_connect``)."""
         return await self._open()
 
@@ -234,9 +244,9 @@ class ConnectionPool(Generic[C]):
         """Give back a slot reserved by :meth:`acquire_idle` without connecting."""
         self._slot_freed()
 
-    async def _open(self) -> C:
+    async def _open(self) -> Any:
         try:
-            conn: C = await asyncio.wait_for(self._connect(), self.connect_timeout)
+            conn: Any = await asyncio.wait_for(self._connect(), self.connect_timeout)
         except TimeoutError:
             self._slot_freed()
             raise ProxyError(
@@ -260,7 +270,7 @@ class ConnectionPool(Generic[C]):
             raise
         return conn
 
-    def release(self, conn: C, reusable: bool) -> None:
+    def release(self, conn: PooledConnection, reusable: bool) -> None:
         """Give a connection back; kept only if ``reusable`` (response fully read,
         keep-alive) and still open."""
         keep, freed = self.state.checkin(
@@ -295,7 +305,7 @@ class ConnectionPool(Generic[C]):
                 waiter.set_result(None)
                 return
 
-    def discard(self, conn: C) -> None:
+    def discard(self, conn: PooledConnection) -> None:
         """An idle connection was closed by the upstream."""
         self.state.discard_idle(conn)
 
