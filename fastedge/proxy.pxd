@@ -5,7 +5,7 @@
 
 cimport cython
 
-from fastedge._core.express cimport ExpressRequest
+from fastedge._core.express cimport ExpressRequest, scan_request, scan_response
 from fastedge.observe.metrics cimport Metrics
 
 

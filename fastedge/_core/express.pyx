@@ -466,17 +466,20 @@ cdef class ExpressRequest:
         return out
 
 
-def scan_request(
-    bytes data not None,
-    bytes client_ip not None,
-    bytes proto not None,
-    bytes via not None,
+# cpdef: the compiled proxy calls both scanners as C functions (express.pxd).
+cpdef ExpressRequest scan_request(
+    bytes data,
+    bytes client_ip,
+    bytes proto,
+    bytes via,
     Py_ssize_t max_head,
     Py_ssize_t max_uri,
     int max_headers,
 ):
     """An :class:`ExpressRequest` when ``data`` is exactly one simple GET/HEAD head, else
     ``None`` (see the module docstring and ``express_py.scan_request``)."""
+    if data is None or client_ip is None or proto is None or via is None:
+        raise TypeError("scan_request() takes bytes, not None")
     cdef Field fields[MAX_FIELDS]
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
     cdef Py_ssize_t end = PyBytes_GET_SIZE(data)
@@ -628,11 +631,13 @@ def scan_request(
 # --------------------------------------------------------------------------------------
 # Responses
 # --------------------------------------------------------------------------------------
-def scan_response(
-    bytes data not None, bint head_request, bytes via not None, bytes request_id not None, bint close
+cpdef tuple scan_response(
+    bytes data, bint head_request, bytes via, bytes request_id, bint close
 ):
     """``(status, reusable, body_length, bytes for the client)`` when ``data`` is exactly
     one simple response (see ``express_py.scan_response``), else ``None``."""
+    if data is None or via is None or request_id is None:
+        raise TypeError("scan_response() takes bytes, not None")
     cdef Field fields[MAX_FIELDS]
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
     cdef Py_ssize_t end = PyBytes_GET_SIZE(data)
