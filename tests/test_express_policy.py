@@ -1248,3 +1248,26 @@ def test_memo_stays_empty_without_a_claim_keyed_policy(
     x = chain.express_admit(scan(bearer(ALICE)), CLIENT_IP, ROUTE)
     assert x is not None and x.memo is cached_entry(auth, ALICE).memo
     assert x.memo == {}
+
+
+def test_an_entry_cached_without_its_window_is_never_served_on_the_lane() -> None:
+    """``Verified``'s window is empty unless ``validate`` sets it: an entry cached any
+    other way (here: built directly, times and all in order) takes the general path,
+    which checks the times itself and accepts it."""
+    cfg = config({"auth": "p"}, auth=HS_POLICY)
+    clock = Clock()
+    f = auth_filter(cfg, Runtime(metrics=Metrics()), clock)
+    token = hs(claims(NOW, exp=int(NOW) + 3600))
+    cache_token(f, token)
+    state = f.state
+    assert state.cache is not None
+    digest = hashlib.sha256(token.encode()).digest()
+    good = state.cache.get(digest, now=NOW)
+    assert isinstance(good, Verified)
+    bare = Verified(good.claims, good.sub, good.exp, good.nbf, good.iat, good.headers, good.wire)
+    assert bare.fresh_from > bare.fresh_until  # empty
+    state.cache.set(digest, bare, ttl=3600, now=NOW)
+    clock.now = NOW
+    assert not f.express_check(ExpressContext(scan(bearer(token)), CLIENT_IP, ROUTE))
+    assert state.check_times(bare, NOW) is None
+    assert f.on_request(general_ctx(scan(bearer(token)))) is None

@@ -627,8 +627,9 @@ class Verified:
     headers: tuple[tuple[bytes, bytes], ...]  # the forwarded claim fields
     wire: bytes = b""  # the same as field lines, for the proxy's express lane
     # The express lane's time test (AuthState.fresh_window): inside, check_times accepts.
-    fresh_from: float = -math.inf
-    fresh_until: float = math.inf
+    # Empty unless set: an entry made any other way is never accepted on the lane.
+    fresh_from: float = math.inf
+    fresh_until: float = -math.inf
     # Values other policies derive from these claims alone (a rate-limit key by claim),
     # kept as long as the entry: the express lane's ExpressContext.memo.
     memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
