@@ -899,19 +899,26 @@ def test_fresh_window_of_an_ordinary_token(leeway: int, max_age: int | None, now
     assert lo == pytest.approx(iat - leeway + 0.001, abs=1e-6)
 
 
+def cached_hour_token(policy: dict[str, Any]) -> tuple[AuthFilter, Clock, str, Verified]:
+    """Auth policy ``p`` (``policy``) with a token valid for an hour from ``NOW`` in its
+    verification cache, put there by the general path: the filter, its clock, the token
+    and the cached entry."""
+    clock = Clock()
+    f = auth_filter(config({"auth": "p"}, auth=policy), Runtime(metrics=Metrics()), clock)
+    token = hs(claims(NOW, exp=int(NOW) + 3600))
+    cache_token(f, token)
+    assert f.state.cache is not None
+    entry = f.state.cache.get(hashlib.sha256(token.encode()).digest(), now=NOW)
+    assert isinstance(entry, Verified)
+    return f, clock, token, entry
+
+
 def test_validated_entries_carry_their_window_and_the_lane_uses_it() -> None:
     """``validate`` stores ``fresh_window``'s answer on the entry it caches; the lane
     accepts at ``fresh_from`` and just below ``fresh_until``, and refuses just outside
     (where the general path still decides, here accepting)."""
-    cfg = config({"auth": "p"}, auth={**HS_POLICY, "max_age": "10m"})
-    clock = Clock()
-    f = auth_filter(cfg, Runtime(metrics=Metrics()), clock)
-    token = hs(claims(NOW, exp=int(NOW) + 3600))
-    cache_token(f, token)
+    f, clock, token, entry = cached_hour_token({**HS_POLICY, "max_age": "10m"})
     state = f.state
-    assert state.cache is not None
-    entry = state.cache.get(hashlib.sha256(token.encode()).digest(), now=NOW)
-    assert isinstance(entry, Verified)
     assert (entry.fresh_from, entry.fresh_until) == state.fresh_window(entry)
     assert entry.fresh_from <= NOW < entry.fresh_until
 
@@ -1254,16 +1261,10 @@ def test_an_entry_cached_without_its_window_is_never_served_on_the_lane() -> Non
     """``Verified``'s window is empty unless ``validate`` sets it: an entry cached any
     other way (here: built directly, times and all in order) takes the general path,
     which checks the times itself and accepts it."""
-    cfg = config({"auth": "p"}, auth=HS_POLICY)
-    clock = Clock()
-    f = auth_filter(cfg, Runtime(metrics=Metrics()), clock)
-    token = hs(claims(NOW, exp=int(NOW) + 3600))
-    cache_token(f, token)
+    f, clock, token, good = cached_hour_token(HS_POLICY)
     state = f.state
     assert state.cache is not None
     digest = hashlib.sha256(token.encode()).digest()
-    good = state.cache.get(digest, now=NOW)
-    assert isinstance(good, Verified)
     bare = Verified(good.claims, good.sub, good.exp, good.nbf, good.iat, good.headers, good.wire)
     assert bare.fresh_from > bare.fresh_until  # empty
     state.cache.set(digest, bare, ttl=3600, now=NOW)
