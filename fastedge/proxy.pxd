@@ -6,11 +6,20 @@
 cimport cython
 
 from fastedge._core.express cimport ExpressRequest, scan_request, scan_response
-from fastedge.observe.metrics cimport Metrics
+from fastedge.observe.metrics cimport Metrics, RouteStats
+from fastedge.upstream.pool cimport ConnectionPool, PooledBase
 
 
 cdef class ClientConnection
 cdef class Exchange
+
+
+cdef class ExpressRoute:
+    cdef public object route, upstream, chain, admit, answer
+    cdef public str name
+    cdef public bint plain
+    cdef public RouteStats stats
+    cpdef bytes forward_target(self, bytes path, bytes query)
 
 
 cdef class ExpressSettings:
@@ -29,7 +38,7 @@ cdef class ExpressLane:
     cdef public long long served, promoted
 
 
-cdef class UpstreamConnection:
+cdef class UpstreamConnection(PooledBase):
     cdef public ClientConnection xclient
     cdef public object target
     cdef public object transport
@@ -38,6 +47,7 @@ cdef class UpstreamConnection:
     cdef public double idle_since
     cdef public bint read_paused
     cdef public bint _dead
+    cpdef bint is_usable(self) except -1
 
 
 cdef class ClientConnection:
@@ -64,7 +74,8 @@ cdef class ClientConnection:
     cdef public ExpressLane lane
     cdef public ExpressSettings xset
     cdef public ExpressRequest xreq
-    cdef public object xroute, xtarget
+    cdef public ExpressRoute xroute
+    cdef public object xtarget
     cdef public UpstreamConnection xup
     cdef public double xstart, xsent, xdue
     cdef public object xadmit, xspan, xtrace
@@ -72,15 +83,15 @@ cdef class ClientConnection:
     cpdef double _due(self)
     @cython.locals(lane=ExpressSettings)
     cpdef rearm(self)
-    @cython.locals(req=ExpressRequest, lane=ExpressSettings, span_ids=tuple, extra=bytes)
+    @cython.locals(req=ExpressRequest, lane=ExpressSettings, span_ids=tuple, extra=bytes, plan=ExpressRoute, pool=ConnectionPool)
     cpdef bint _express(self, bytes data)
-    @cython.locals(req=ExpressRequest, lane=ExpressSettings)
+    @cython.locals(req=ExpressRequest, lane=ExpressSettings, plan=ExpressRoute, pool=ConnectionPool)
     cpdef express_response(self, bytes data)
-    @cython.locals(req=ExpressRequest)
+    @cython.locals(req=ExpressRequest, plan=ExpressRoute)
     cpdef Exchange express_promote(self)
     cpdef _express_idle(self, ExpressSettings lane)
     @cython.locals(req=ExpressRequest, lane=ExpressSettings)
-    cpdef _express_answer(self, ExpressSettings lane, ExpressRequest req, route, tuple reply)
+    cpdef _express_answer(self, ExpressSettings lane, ExpressRequest req, ExpressRoute plan, tuple reply)
 
 
 cdef class Exchange:

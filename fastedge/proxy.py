@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Coroutine
 from time import perf_counter, time_ns
 from typing import TYPE_CHECKING, Any, cast
 
+from fastedge.core import PrefixRouter
 from fastedge.errors import Kind, ProxyError, error_response
 from fastedge.filters import FilterChain, FilterContext, Response
 from fastedge.filters.express import ExpressContext
@@ -57,6 +58,7 @@ from fastedge.observe.tracing import (
     TraceIdRatio,
     Tracer,
 )
+from fastedge.upstream.pool import PooledBase
 
 if TYPE_CHECKING:
     # Aliased: the compiled build cimports the class under its own name (proxy.pxd).
@@ -74,6 +76,7 @@ else:
 
 if TYPE_CHECKING:
     from fastedge.gateway import Gateway, Target, Upstream
+    from fastedge.observe.metrics import RouteStats  # noqa: F401 (in a type comment)
     from fastedge.router import Route
 
 log = logging.getLogger("fastedge.proxy")
@@ -154,7 +157,7 @@ def raw_error(status: int, message: str, request_id: bytes, *, retry_after: int 
     )
 
 
-class UpstreamConnection:
+class UpstreamConnection(PooledBase):
     """One connection to an upstream target; carries one exchange at a time."""
 
     __slots__ = (
@@ -259,6 +262,39 @@ class UpstreamConnection:
             self.transport.resume_reading()
 
 
+class ExpressRoute:
+    """A route as the express lane reads it per request, in C fields: what
+    :class:`~fastedge.router.Route` holds that the lane needs, its policy chain's express
+    entry points, and its cell of request metrics. The lane's own router (in
+    :class:`ExpressSettings`) matches to these, so a request costs no attribute lookups
+    on the route. The upstream is read through at each request, never copied: its
+    balancer and targets change at runtime (health checks, traffic shifts)."""
+
+    __slots__ = ("admit", "answer", "chain", "name", "plain", "route", "stats", "upstream")
+
+    def __init__(self, route, stats):  # type: (Route[Upstream], RouteStats) -> None
+        # Types as comments: annotations here would clash with proxy.pxd.
+        self.route = route
+        self.name = route.name
+        self.upstream = route.upstream
+        chain = route.filters
+        self.chain = chain
+        # The chain's policy decision (auth, limits) or lone answer (a cache hit); see
+        # FilterChain.express_admit and FilterChain.express.
+        self.admit = chain.express_admit if chain is not None else None
+        self.answer = chain.express if chain is not None else None
+        # No strip_prefix or rewrite: the request-target goes upstream unchanged.
+        self.plain = not route.strip_prefix and route.rewrite_bytes is None
+        self.stats = stats
+
+    def forward_target(self, path: bytes, query: bytes) -> bytes:
+        """:meth:`Route.forward_target <fastedge.router.Route.forward_target>`."""
+        if self.plain:
+            return path + query if query else path
+        target: bytes = self.route.forward_target(path, query)
+        return target
+
+
 class ExpressSettings:
     """One config generation's settings as the express lane reads them per request, in
     C fields. An express request keeps the settings it started with, as a general-path
@@ -298,8 +334,13 @@ class ExpressSettings:
         self.loop_time: Any = gw.loop.time
         self.access_log = gw.access_log_enabled
         self.metrics = gw.metrics
-        # The compiled PrefixRouter's match: (route, prefix) or None.
-        self.match: Any = gw.router.prefix_router.match
+        # A compiled PrefixRouter of the generation's routes (added as Router adds them,
+        # so it matches alike) whose match gives (ExpressRoute, prefix) or None.
+        router = PrefixRouter()
+        for route in gw.router.routes:
+            plan = ExpressRoute(route, gw.metrics.route(route.name))
+            router.add(route.prefix, plan, host=route.host, methods=route.methods)
+        self.match: Any = router.match
         # With [tracing], express requests carry an unsampled span's context; the
         # sampler's decision for a new trace id (ParentBased(TraceIdRatio), as
         # tracing_config builds it) says which ones the general path must record.
@@ -423,7 +464,7 @@ class ClientConnection:
         self.lane: ExpressLane | None = lane if isinstance(lane, ExpressLane) else None
         self.xset: ExpressSettings | None = None  # the settings it started with
         self.xreq: _ExpressRequest | None = None
-        self.xroute: Route[Upstream] | None = None
+        self.xroute: ExpressRoute | None = None
         self.xtarget: Target | None = None
         self.xup: UpstreamConnection | None = None
         self.xstart = 0.0
@@ -775,21 +816,21 @@ class ClientConnection:
         )
         if found is None:
             return False
-        route = found[0]
-        chain = route.filters
+        plan = found[0]
+        chain = plan.chain
         tracer = lane.tracer
-        if chain is not None and chain.express_admit is None:
+        if chain is not None and plan.admit is None:
             # A lone filter answering from memory (a fresh cache hit), or the general path
             # (a traced request's span would need it too).
-            answer = chain.express
+            answer = plan.answer
             if answer is None or tracer is not None:
                 return False
-            reply = answer(req, self.proto, route.upstream)
+            reply = answer(req, self.proto, plan.upstream)
             if reply is None:
                 return False
-            self._express_answer(lane, req, route, reply)
+            self._express_answer(lane, req, plan, reply)
             return True
-        upstream = route.upstream
+        upstream = plan.upstream
         if not upstream.express:
             return False
         extra = None
@@ -806,16 +847,17 @@ class ClientConnection:
                 return False  # sampled: the general path records it, under this id
             span_ids = (trace_id, span_id)
         target = upstream.balancer.pick()
-        conn = target.pool.take_idle()
+        pool = target.pool
+        conn = pool.take_idle()
         if conn is None:
             return False  # the general path connects (in a task) or waits
         admitted = None
         drop = None
         if chain is not None:
             # Policy filters (auth from its verification cache, a local rate limit).
-            admitted = chain.express_admit(req, self.client_ip, route.name)
+            admitted = plan.admit(req, self.client_ip, plan.name)
             if admitted is None:
-                target.pool.give_back(conn, True)
+                pool.give_back(conn, True)
                 return False
             drop = admitted.drop
             extra = admitted.extra if extra is None else extra + admitted.extra
@@ -827,7 +869,7 @@ class ClientConnection:
         self.requests += 1
         self.head_started = 0.0
         self.xreq = req
-        self.xroute = route
+        self.xroute = plan
         self.xtarget = target
         self.xup = conn
         self.xadmit = admitted
@@ -837,7 +879,7 @@ class ClientConnection:
         now = lane.loop_time()
         self.xsent = now
         self.xdue = now + upstream.response_timeout
-        transport.write(req.compose(route.forward_target(req.path, req.query), drop, extra))
+        transport.write(req.compose(plan.forward_target(req.path, req.query), drop, extra))
         if self._deadline_handle is None or self._deadline_at > self.xdue + 0.001:
             self.rearm()
         return True
@@ -861,9 +903,9 @@ class ClientConnection:
         status, reusable, body_length, out = found
         up = self.xup
         target = self.xtarget
-        route = self.xroute
+        plan = self.xroute
         span_ids = self.xspan
-        assert up is not None and target is not None and route is not None
+        assert up is not None and target is not None and plan is not None
         # Done before the write: the write may call pause_writing (a client that does
         # not read), which must find no express request left to promote.
         self.xreq = None
@@ -877,15 +919,14 @@ class ClientConnection:
         transport = self.transport
         assert transport is not None  # a lost client promotes the request first
         transport.write(out)
-        target.pool.give_back(up, reusable)
+        pool = target.pool
+        pool.give_back(up, reusable)
         elapsed = perf_counter() - self.xstart
-        lane.metrics.observe_request(
-            route.name, _METHOD_NAMES[req.method], status, elapsed, elapsed
-        )
+        plan.stats.observe("GET" if len(req.method) == 3 else "HEAD", status, elapsed, elapsed)
         if lane.access_log:
             self._express_log(
                 req,
-                route,
+                plan,
                 target.name,
                 status,
                 body_length,
@@ -899,7 +940,7 @@ class ClientConnection:
         self._express_idle(lane)
 
     def _express_answer(
-        self, lane: ExpressSettings, req: _ExpressRequest, route: Route[Upstream], reply: Any
+        self, lane: ExpressSettings, req: _ExpressRequest, plan: ExpressRoute, reply: Any
     ) -> None:
         """Write a filter's whole answer (an :class:`~fastedge.filters.ExpressReply`) to
         an express request, exactly as the general path's Exchange._answer would."""
@@ -932,9 +973,9 @@ class ClientConnection:
             )
         )
         elapsed = perf_counter() - start
-        lane.metrics.observe_request(route.name, _METHOD_NAMES[req.method], status, elapsed, None)
+        plan.stats.observe("GET" if len(req.method) == 3 else "HEAD", status, elapsed, None)
         if lane.access_log:
-            self._express_log(req, route, None, status, len(body), elapsed, None, None)
+            self._express_log(req, plan, None, status, len(body), elapsed, None, None)
         if close:
             transport.close()
             return
@@ -951,7 +992,7 @@ class ClientConnection:
     def _express_log(
         self,
         req: _ExpressRequest,
-        route: Route[Upstream],
+        plan: ExpressRoute,
         target: str | None,
         status: int,
         bytes_out: int,
@@ -966,8 +1007,8 @@ class ClientConnection:
                 "client": self.client_ip.decode(),
                 "method": _METHOD_NAMES[req.method],
                 "path": req.target.decode("latin-1"),
-                "route": route.name,
-                "upstream": route.upstream.name,
+                "route": plan.name,
+                "upstream": plan.upstream.name,
                 "target": target,
                 "status": status,
                 "bytes_in": 0,
@@ -983,10 +1024,11 @@ class ClientConnection:
         """Turn the express request in flight into the Exchange the general path would
         have made at this point (request sent, nothing received), and return it."""
         req = self.xreq
-        route = self.xroute
+        plan = self.xroute
         target = self.xtarget
         up = self.xup
-        assert req is not None and route is not None and target is not None and up is not None
+        assert req is not None and plan is not None and target is not None and up is not None
+        route = plan.route
         self.xreq = None
         self.xset = None
         self.xroute = None
@@ -1011,7 +1053,7 @@ class ClientConnection:
         ex.upstream = upstream
         ex.target = target
         ex.request_id = req.request_id
-        ex.up_target = route.forward_target(req.path, req.query)
+        ex.up_target = plan.forward_target(req.path, req.query)
         headers, _, _ = rewrite_request_headers(
             head.headers, client_ip=self.client_ip, proto=self.proto, via=gw.via
         )

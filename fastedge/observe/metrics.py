@@ -29,6 +29,7 @@ __all__ = [
     "MetricType",
     "Metrics",
     "RequestTotals",
+    "RouteStats",
     "Sample",
 ]
 
@@ -185,6 +186,67 @@ class Counter:
         self.value += 1
 
 
+class RouteStats:
+    """One route's built-in request metrics, held as a cell (:meth:`Metrics.route`).
+
+    ``observe()`` records what :meth:`Metrics.observe_request` records for the route,
+    without looking the route up: the proxy's express lane takes each route's cell once
+    per config generation. It remembers the last (method, status) series it counted, so
+    a run of alike requests (the common case) counts without building a label key.
+    Compiled, a C struct behind a C method (metrics.pxd).
+    """
+
+    __slots__ = ("_cell", "_method", "_status", "metrics", "name", "total", "upstream")
+
+    def __init__(self, metrics, name):  # type: (Metrics, str) -> None
+        # Types as comments: annotations here would clash with metrics.pxd.
+        self.metrics = metrics
+        self.name = name
+        # This route's histograms in metrics._total / metrics._upstream, once it has one:
+        # a route appears in a histogram from its first observation.
+        self.total = None  # type: list[Counter] | None
+        self.upstream = None  # type: list[Counter] | None
+        # The series counted last: the method as given, its status, and its cell.
+        self._method = None  # type: str | None
+        self._status = -1
+        self._cell = None  # type: Counter | None
+
+    def observe(self, method, status, total_seconds, upstream_seconds):  # type: (str, int, float, float | None) -> None
+        """Record one answered request of this route (see :meth:`Metrics.observe_request`)."""
+        cell = self._cell
+        if cell is None or status != self._status or method != self._method:
+            cell = self._series(method, status)
+        cell.value += 1
+        hist = self.total
+        if hist is None:
+            hist = self.total = self.metrics._histogram(self.metrics._total, self.name)
+        cell = hist[_bucket(total_seconds)]
+        cell.value += 1
+        cell = hist[-1]
+        cell.value += total_seconds
+        if upstream_seconds is not None:
+            hist = self.upstream
+            if hist is None:
+                hist = self.upstream = self.metrics._histogram(self.metrics._upstream, self.name)
+            cell = hist[_bucket(upstream_seconds)]
+            cell.value += 1
+            cell = hist[-1]
+            cell.value += upstream_seconds
+
+    def _series(self, method, status):  # type: (str, int) -> Counter
+        """The requests cell for (method, status), remembered as the last one."""
+        label = method if method in _KNOWN_METHODS else "OTHER"
+        requests = self.metrics._requests
+        key = (self.name, label, status)
+        cell = requests.get(key)
+        if cell is None:
+            cell = requests[key] = Counter()
+        self._method = method
+        self._status = status
+        self._cell = cell
+        return cell
+
+
 class Metrics:
     """The process's metric registry.
 
@@ -200,18 +262,21 @@ class Metrics:
         "_counters",
         "_descriptions",
         "_requests",
+        "_routes",
         "_total",
         "_upstream",
     )
 
     def __init__(self) -> None:
-        # (route, method, status) -> count
-        self._requests: dict[tuple[str, str, int], int] = {}
-        # route -> [count per bucket ..., count above the last bound, sum]. One list per
-        # route keeps observe_request to one dict lookup per histogram; buckets are stored
-        # non-cumulative and cumulated when rendering.
-        self._total: dict[str, list[float]] = {}
-        self._upstream: dict[str, list[float]] = {}
+        # (route, method, status) -> count, as cells (RouteStats counts through them)
+        self._requests: dict[tuple[str, str, int], Counter] = {}
+        # route -> its RouteStats (see route())
+        self._routes: dict[str, RouteStats] = {}
+        # route -> [count per bucket ..., count above the last bound, sum], as cells: a
+        # route's RouteStats holds its lists and adds to C doubles, allocating nothing.
+        # Buckets are stored non-cumulative and cumulated when rendering.
+        self._total: dict[str, list[Counter]] = {}
+        self._upstream: dict[str, list[Counter]] = {}
         # name -> {labels -> value}
         self._counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
         # name -> {labels -> Counter}: the same counters, held as cells (see counter())
@@ -263,22 +328,25 @@ class Metrics:
         bounded. Unknown methods are recorded as ``"OTHER"``. ``upstream_seconds`` is
         ``None`` when no upstream was contacted (cache hit, 401, 429, ...).
         """
-        if method not in _KNOWN_METHODS:
-            method = "OTHER"
-        key = (route, method, status)
-        requests = self._requests
-        requests[key] = requests.get(key, 0) + 1
-        hist = self._total.get(route)
+        stats = self._routes.get(route)
+        if stats is None:
+            stats = self.route(route)
+        stats.observe(method, status, total_seconds, upstream_seconds)
+
+    def route(self, route: str) -> RouteStats:
+        """The cell :meth:`observe_request` records ``route``'s requests through: record
+        with its ``observe()`` to skip the route lookup (the same series either way)."""
+        stats = self._routes.get(route)
+        if stats is None:
+            stats = self._routes[route] = RouteStats(self, route)
+        return stats
+
+    def _histogram(self, data, route):  # type: (dict[str, list[Counter]], str) -> list[Counter]
+        """``route``'s histogram in ``data`` (``_total`` or ``_upstream``), made empty."""
+        hist = data.get(route)
         if hist is None:
-            hist = self._total[route] = [0] * (len(DURATION_BUCKETS) + 2)
-        hist[_bucket(total_seconds)] += 1
-        hist[-1] += total_seconds
-        if upstream_seconds is not None:
-            hist = self._upstream.get(route)
-            if hist is None:
-                hist = self._upstream[route] = [0] * (len(DURATION_BUCKETS) + 2)
-            hist[_bucket(upstream_seconds)] += 1
-            hist[-1] += upstream_seconds
+            hist = data[route] = [Counter() for _ in range(len(DURATION_BUCKETS) + 2)]
+        return hist
 
     def inc(self, name: str, labels: tuple[tuple[str, str], ...] = (), value: float = 1) -> None:
         """Add ``value`` to counter ``name`` with ``labels`` (a tuple of pairs, in a fixed
@@ -333,15 +401,15 @@ class Metrics:
         two calls into rates and latency quantiles, so the request path pays nothing.
         """
         by_class = [0, 0, 0, 0, 0, 0]  # index = status // 100 (0 for anything odd)
-        for (_route, _method, status), n in self._requests.items():
+        for (_route, _method, status), cell in self._requests.items():
             cls = status // 100
-            by_class[cls if 1 <= cls <= 5 else 0] += n
+            by_class[cls if 1 <= cls <= 5 else 0] += int(cell.value)
         buckets = [0] * (len(DURATION_BUCKETS) + 1)
         total_seconds = 0.0
         for hist in self._total.values():
             for i in range(len(buckets)):
-                buckets[i] += int(hist[i])
-            total_seconds += hist[-1]
+                buckets[i] += int(hist[i].value)
+            total_seconds += hist[-1].value
         return RequestTotals(sum(by_class), tuple(by_class), tuple(buckets), total_seconds)
 
     def families(self) -> list[MetricFamily]:
@@ -350,7 +418,7 @@ class Metrics:
             self._describe_family(
                 REQUESTS_TOTAL,
                 [
-                    (REQUESTS_TOTAL, (("route", r), ("method", m), ("status", str(s))), n)
+                    (REQUESTS_TOTAL, (("route", r), ("method", m), ("status", str(s))), n.value)
                     for (r, m, s), n in sorted(self._requests.items())
                 ],
             ),
@@ -407,15 +475,15 @@ class Metrics:
         mtype, help_text = self._descriptions.get(name, ("counter", name.replace("_", " ")))
         return MetricFamily(name, mtype, help_text, samples)
 
-    def _histogram_family(self, name: str, data: dict[str, list[float]]) -> MetricFamily:
+    def _histogram_family(self, name: str, data: dict[str, list[Counter]]) -> MetricFamily:
         samples: list[Sample] = []
         bounds = [_format_value(b) for b in DURATION_BUCKETS] + ["+Inf"]
         for route in sorted(data):
             hist = data[route]
             cumulative = 0
             for bound, count in zip(bounds, hist[:-1], strict=True):
-                cumulative += int(count)
+                cumulative += int(count.value)
                 samples.append((f"{name}_bucket", (("route", route), ("le", bound)), cumulative))
-            samples.append((f"{name}_sum", (("route", route),), hist[-1]))
+            samples.append((f"{name}_sum", (("route", route),), hist[-1].value))
             samples.append((f"{name}_count", (("route", route),), cumulative))
         return self._describe_family(name, samples)
