@@ -11,7 +11,8 @@ event loop I/O), run it under callgrind twice and subtract:
 (issue 9's cache-hit scenario). ``--chain`` puts issue 9's full policy chain on the
 route (JWT auth with cached verification, a local per-user limit that never triggers,
 tracing at 1% sampling: the ``fastedge-chain`` variant of ``bench/load/variants.py``)
-and sends a bearer token.
+and sends a bearer token. ``--sampled`` is the chain with every request sampled (the
+general path's cost for the 1% the chain records).
 
 `callgrind_annotate --inclusive=yes` on the second output shows where they go.
 """
@@ -42,10 +43,13 @@ CACHEABLE = (
 )
 
 
-def chain_document() -> dict[str, Any]:
-    """``fake_document`` with the ``fastedge-chain`` policies (secret set in the env)."""
+def chain_document(sample_ratio: float | None = None) -> dict[str, Any]:
+    """``fake_document`` with the ``fastedge-chain`` policies (secret set in the env);
+    ``sample_ratio`` replaces the chain's 1% (``--sampled``: every request recorded)."""
     os.environ[JWT_SECRET_ENV] = JWT_SECRET
     chain = tomllib.loads(chain_config(0, 1))
+    if sample_ratio is not None:
+        chain["tracing"]["sample_ratio"] = sample_ratio
     doc = fake_document()
     for section in ("auth", "rate_limits", "tracing"):
         doc[section] = chain[section]
@@ -62,7 +66,9 @@ def cache_document() -> dict[str, Any]:
     return doc
 
 
-async def drive(count: int, *, chain: bool = False, cache: bool = False) -> None:
+async def drive(
+    count: int, *, chain: bool = False, cache: bool = False, sampled: bool = False
+) -> None:
     """Build a gateway with one idle pooled upstream connection and relay ``count``
     (``cache``: fill the cache once, then answer ``count`` hits from it)."""
     request = REQUEST
@@ -79,7 +85,8 @@ async def drive(count: int, *, chain: bool = False, cache: bool = False) -> None
         written = cast(FakeTransport, client.transport).written
         assert written == count + 1, written
         return
-    _, client, upstream = fake_server(chain_document() if chain else fake_document())
+    doc = chain_document(1.0 if sampled else None) if chain else fake_document()
+    _, client, upstream = fake_server(doc)
     for _ in range(count):
         client.data_received(request)
         upstream.data_received(RESPONSE)
@@ -93,7 +100,14 @@ def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     count = int(args[0]) if args else 20000
     flags = sys.argv[1:]
-    uvloop.run(drive(count, chain="--chain" in flags, cache="--cache" in flags))
+    uvloop.run(
+        drive(
+            count,
+            chain="--chain" in flags or "--sampled" in flags,
+            cache="--cache" in flags,
+            sampled="--sampled" in flags,
+        )
+    )
 
 
 if __name__ == "__main__":
