@@ -79,12 +79,14 @@ cdef class ClientConnection:
     cdef public UpstreamConnection xup
     cdef public double xstart, xsent, xdue
     cdef public object xadmit, xspan, xtrace
+    @cython.locals(lane=ExpressSettings)
+    cpdef data_received(self, bytes data)
     cpdef bint must_close(self)
     cpdef double _due(self)
     @cython.locals(lane=ExpressSettings)
     cpdef rearm(self)
     @cython.locals(req=ExpressRequest, lane=ExpressSettings, span_ids=tuple, extra=bytes, plan=ExpressRoute, pool=ConnectionPool)
-    cpdef bint _express(self, bytes data)
+    cpdef bint _express(self, bytes data, double now)
     @cython.locals(req=ExpressRequest, lane=ExpressSettings, plan=ExpressRoute, pool=ConnectionPool)
     cpdef express_response(self, bytes data)
     @cython.locals(req=ExpressRequest, plan=ExpressRoute)

@@ -498,22 +498,24 @@ class ClientConnection:
         self.rearm()
 
     def data_received(self, data: bytes) -> None:
-        self.last_read = now = self.server.loop.time()
+        lane = self.lane.settings if self.lane is not None else None
+        # The loop's clock, through the settings' bound method when there are settings
+        # (the same loop; no attribute lookups on the server).
+        self.last_read = now = lane.loop_time() if lane is not None else self.server.loop.time()
         if self.xreq is not None:
             # Bytes while an express request is in flight (pipelining, an early next
             # request): the general path takes over, in order.
             self.express_promote()
         elif (
             self.exchange is None
-            and self.lane is not None
-            and self.lane.settings is not None
-            and self.lane.settings.enabled
+            and lane is not None
+            and lane.enabled
             and not self.queue
             and not self.paused
             and not self.write_paused  # a client that does not read gets nothing more
             and not self.closing
             and self.codec.express_ready()
-            and self._express(data)
+            and self._express(data, now)
         ):
             return
         ex = self.exchange
@@ -792,8 +794,9 @@ class ClientConnection:
     # point, goes to the general path: before the request is sent the bytes are simply
     # parsed by the codec instead; after, express_promote() builds the Exchange the
     # general path would have built and hands it whatever happened.
-    def _express(self, data: bytes) -> bool:
-        """Serve ``data`` on the express lane; False: it is not for the express lane."""
+    def _express(self, data: bytes, now: float) -> bool:
+        """Serve ``data``, read at loop time ``now``, on the express lane; False: it is not
+        for the express lane."""
         assert self.lane is not None
         lane = self.lane.settings
         assert lane is not None
@@ -876,7 +879,6 @@ class ClientConnection:
         self.xspan = span_ids
         conn.xclient = self
         self.xstart = perf_counter()
-        now = lane.loop_time()
         self.xsent = now
         self.xdue = now + upstream.response_timeout
         transport.write(req.compose(plan.forward_target(req.path, req.query), drop, extra))
