@@ -6,6 +6,7 @@
 cimport cython
 
 from fastedge._core.express cimport ExpressRequest, scan_request, scan_response
+from fastedge.filters.express cimport ExpressContext, admit
 from fastedge.observe.metrics cimport Metrics, RouteStats
 from fastedge.upstream.pool cimport ConnectionPool, PooledBase
 
@@ -15,7 +16,8 @@ cdef class Exchange
 
 
 cdef class ExpressRoute:
-    cdef public object route, upstream, chain, admit, answer
+    cdef public object route, upstream, chain, answer
+    cdef public tuple policies
     cdef public str name
     cdef public bint plain
     cdef public RouteStats stats
@@ -78,14 +80,15 @@ cdef class ClientConnection:
     cdef public object xtarget
     cdef public UpstreamConnection xup
     cdef public double xstart, xsent, xdue
-    cdef public object xadmit, xspan, xtrace
+    cdef public ExpressContext xadmit
+    cdef public object xspan, xtrace
     @cython.locals(lane=ExpressSettings)
     cpdef data_received(self, bytes data)
     cpdef bint must_close(self)
     cpdef double _due(self)
     @cython.locals(lane=ExpressSettings)
     cpdef rearm(self)
-    @cython.locals(req=ExpressRequest, lane=ExpressSettings, span_ids=tuple, extra=bytes, plan=ExpressRoute, pool=ConnectionPool)
+    @cython.locals(req=ExpressRequest, lane=ExpressSettings, span_ids=tuple, extra=bytes, plan=ExpressRoute, pool=ConnectionPool, admitted=ExpressContext)
     cpdef bint _express(self, bytes data, double now)
     @cython.locals(req=ExpressRequest, lane=ExpressSettings, plan=ExpressRoute, pool=ConnectionPool)
     cpdef express_response(self, bytes data)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 from fastedge.core import PrefixRouter
 from fastedge.errors import Kind, ProxyError, error_response
 from fastedge.filters import FilterChain, FilterContext, Response
-from fastedge.filters.express import ExpressContext
+from fastedge.filters.express import ExpressContext, admit
 from fastedge.http.engine import (
     END,
     ClientCodec,
@@ -270,7 +270,7 @@ class ExpressRoute:
     on the route. The upstream is read through at each request, never copied: its
     balancer and targets change at runtime (health checks, traffic shifts)."""
 
-    __slots__ = ("admit", "answer", "chain", "name", "plain", "route", "stats", "upstream")
+    __slots__ = ("answer", "chain", "name", "plain", "policies", "route", "stats", "upstream")
 
     def __init__(self, route, stats):  # type: (Route[Upstream], RouteStats) -> None
         # Types as comments: annotations here would clash with proxy.pxd.
@@ -279,9 +279,12 @@ class ExpressRoute:
         self.upstream = route.upstream
         chain = route.filters
         self.chain = chain
-        # The chain's policy decision (auth, limits) or lone answer (a cache hit); see
-        # FilterChain.express_admit and FilterChain.express.
-        self.admit = chain.express_admit if chain is not None else None
+        # The chain's policy filters when the lane may decide them (auth, limits): its
+        # express_admit is admit() over them, which the lane calls itself, as a C call.
+        self.policies = None  # type: tuple[Any, ...] | None
+        if chain is not None and chain.express_admit is not None:
+            self.policies = chain.filters
+        # The chain's lone answer from memory (a cache hit): FilterChain.express.
         self.answer = chain.express if chain is not None else None
         # No strip_prefix or rewrite: the request-target goes upstream unchanged.
         self.plain = not route.strip_prefix and route.rewrite_bytes is None
@@ -822,7 +825,7 @@ class ClientConnection:
         plan = found[0]
         chain = plan.chain
         tracer = lane.tracer
-        if chain is not None and plan.admit is None:
+        if chain is not None and plan.policies is None:
             # A lone filter answering from memory (a fresh cache hit), or the general path
             # (a traced request's span would need it too).
             answer = plan.answer
@@ -858,7 +861,7 @@ class ClientConnection:
         drop = None
         if chain is not None:
             # Policy filters (auth from its verification cache, a local rate limit).
-            admitted = plan.admit(req, self.client_ip, plan.name)
+            admitted = admit(plan.policies, req, self.client_ip, plan.name)
             if admitted is None:
                 pool.give_back(conn, True)
                 return False

@@ -75,7 +75,7 @@ from fastedge.core import LRUCache
 from fastedge.errors import Kind, ProxyError
 from fastedge.filters import FilterContext, Runtime
 from fastedge.filters.account import AccountCheckConfig, AccountChecker, AccountUnavailable
-from fastedge.filters.express import ExpressContext
+from fastedge.filters.express import ExpressContext, ExpressPolicyBase
 from fastedge.filters.jwks import (
     JwksKeySource,
     VerificationKey,
@@ -998,8 +998,11 @@ def _bearer(value: bytes) -> bytes | None:
     return rest.strip(b" ") or None
 
 
-class AuthFilter:
+class AuthFilter(ExpressPolicyBase):
     """The ``auth`` filter of one route (see the module docstring)."""
+
+    # Compiled, a C struct (auth.pxd) whose express lane methods are C methods.
+    __slots__ = ("express_ready", "state")
 
     name = "auth"
     # The express lane (fastedge.filters.ExpressPolicy) serves tokens found in the

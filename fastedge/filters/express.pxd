@@ -11,5 +11,10 @@ cdef class ExpressContext:
     cdef public tuple drop, fields
 
 
-@cython.locals(x=ExpressContext)
+cdef class ExpressPolicyBase:
+    cpdef bint express_check(self, ExpressContext x) except -1
+    cpdef express_apply(self, ExpressContext x)
+
+
+@cython.locals(x=ExpressContext, p=ExpressPolicyBase)
 cpdef ExpressContext admit(tuple filters, request, bytes client_ip, str route)

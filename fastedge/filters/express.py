@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol  # noqa: F401 (Any is used in type comments)
 
-__all__ = ["ExpressContext", "ExpressPolicy", "admit"]
+__all__ = ["ExpressContext", "ExpressPolicy", "ExpressPolicyBase", "admit"]
 
 
 class ExpressContext:
@@ -87,6 +87,24 @@ class ExpressPolicy(Protocol):
     def express_apply(self, x: ExpressContext) -> None: ...
 
 
+class ExpressPolicyBase:
+    """A base for :class:`ExpressPolicy` filters that :func:`admit` calls as C calls:
+    compiled, it is a C struct whose ``express_check`` and ``express_apply`` are C
+    methods (express.pxd), and a filter deriving from it in a compiled module with its
+    own declarations (auth's, the rate limit's) overrides them as C methods too. A filter
+    that only implements the protocol is called the Python way."""
+
+    __slots__ = ()
+
+    def express_check(self, x: ExpressContext) -> bool:
+        """See :class:`ExpressPolicy`."""
+        raise NotImplementedError
+
+    def express_apply(self, x: ExpressContext) -> None:
+        """See :class:`ExpressPolicy`."""
+        raise NotImplementedError
+
+
 # A type comment: the compiled build declares admit cpdef in express.pxd.
 def admit(filters, request, client_ip, route):  # type: (tuple[ExpressPolicy, ...], Any, bytes, str) -> ExpressContext | None
     """Decide ``request`` on the express lane: every filter's check in order, then every
@@ -97,8 +115,16 @@ def admit(filters, request, client_ip, route):  # type: (tuple[ExpressPolicy, ..
     """
     x = ExpressContext(request, client_ip, route)
     for f in filters:
-        if not f.express_check(x):
+        if isinstance(f, ExpressPolicyBase):
+            p = f  # compiled: typed ExpressPolicyBase (express.pxd), so a C call
+            if not p.express_check(x):
+                return None
+        elif not f.express_check(x):
             return None
     for f in filters:
-        f.express_apply(x)
+        if isinstance(f, ExpressPolicyBase):
+            p = f
+            p.express_apply(x)
+        else:
+            f.express_apply(x)
     return x

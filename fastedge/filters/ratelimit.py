@@ -56,7 +56,7 @@ from fastedge.config import (
 from fastedge.core import SlidingWindow, TokenBucket
 from fastedge.errors import Kind, ProxyError
 from fastedge.filters import Decision, Filter, FilterContext, Headers, Runtime
-from fastedge.filters.express import ExpressContext
+from fastedge.filters.express import ExpressContext, ExpressPolicyBase
 from fastedge.filters.ratelimit_redis import Grant, LeaseBook, RedisLimiter, RedisUnavailable
 from fastedge.redis_config import RedisConfig
 
@@ -516,9 +516,10 @@ class _RedisPolicy(_Policy):
 _AnyPolicy: TypeAlias = "_LocalPolicy | _RedisPolicy"
 
 
-class RateLimitFilter:
+class RateLimitFilter(ExpressPolicyBase):
     """The route's policies in order; synchronous unless a Redis round trip is needed."""
 
+    # Compiled, a C struct (ratelimit.pxd) whose express lane methods are C methods.
     __slots__ = ("_only", "express_ready", "name", "policies")
 
     # On the express lane (fastedge.filters.ExpressPolicy) the check takes the token.

@@ -188,8 +188,9 @@ class ConnectionPool:
 
     def take_idle(self) -> Any:
         """The express lane's checkout: the most recently used idle connection when it
-        is usable and nobody waits, else ``None`` (nothing reserved or closed; the
-        caller takes the general path, which does the full :meth:`acquire_idle`)."""
+        is usable, else ``None`` (nothing reserved or closed; the caller takes the
+        general path, which does the full :meth:`acquire_idle`). Nobody waits while a
+        connection is idle: a released connection goes to the first waiter."""
         state = self.state
         idle = state.idle
         if idle and not self._closed:
