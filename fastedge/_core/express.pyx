@@ -21,6 +21,7 @@ import os
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
+from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp, memcpy
 
 
@@ -155,13 +156,25 @@ cdef int _response_kind(const unsigned char* p, Py_ssize_t n) noexcept nogil:
     return _hop_kind(p, n)
 
 
+# Eight bytes at once: whether all are SP or VCHARs (0x20-0x7E), as Bit Twiddling Hacks'
+# hasless(w, 0x20) | hasmore(w, 0x7E) is zero (exact as a yes or no).
+cdef uint64_t _ONES = 0x0101010101010101
+cdef uint64_t _HIGH = 0x8080808080808080
+
+
+cdef inline bint _eight_plain(const unsigned char* p) noexcept nogil:
+    cdef uint64_t w
+    memcpy(&w, p, 8)
+    return ((((w - _ONES * 0x20) & ~w) | ((w + _ONES) | w)) & _HIGH) == 0
+
+
 cdef Py_ssize_t _fields(
     const unsigned char* p, Py_ssize_t pos, Py_ssize_t end, Field* out, int limit, int* count
 ) noexcept nogil:
     """Parse field lines from ``pos`` up to and including the blank line; returns the
     position after it (the head's end), or -1 for anything outside the plain syntax."""
-    cdef Py_ssize_t start, vstart, vend
-    cdef unsigned char c
+    cdef Py_ssize_t start, vstart, vend, lim
+    cdef const unsigned char* cr
     cdef int n = 0
     while True:
         if pos + 2 > end:
@@ -185,17 +198,26 @@ cdef Py_ssize_t _fields(
         pos += 1
         while p[pos] == 32 or p[pos] == 9:
             pos += 1
-        vstart = vend = pos
-        while True:
-            c = _VALUE[p[pos]]
-            if c == 0:
-                break
-            pos += 1
-            if c == 1:
-                vend = pos
-        if pos + 2 > end or p[pos] != 13 or p[pos + 1] != 10:
+        vstart = pos
+        # The line ends at the first CR (memchr: values such as a bearer token can be
+        # long); every byte before it must be a VCHAR, SP or HTAB, a word at a time
+        # while the words hold no control byte, then byte by byte.
+        cr = <const unsigned char*>memchr(p + pos, 13, end - pos)
+        if cr == NULL:
             return -1
-        pos += 2
+        lim = cr - p
+        while pos + 8 <= lim and _eight_plain(p + pos):
+            pos += 8
+        while pos < lim:
+            if _VALUE[p[pos]] == 0:
+                return -1
+            pos += 1
+        if lim + 2 > end or p[lim + 1] != 10:
+            return -1
+        vend = lim  # the value without trailing whitespace
+        while vend > vstart and (p[vend - 1] == 32 or p[vend - 1] == 9):
+            vend -= 1
+        pos = lim + 2
         out[n].value = vstart
         out[n].value_len = vend - vstart
         n += 1

@@ -1151,3 +1151,53 @@ def test_compose_drop_names_must_be_bytes(ex: ModuleType, name: object) -> None:
     assert req is not None
     with pytest.raises(TypeError):
         req.compose(b"/", (b"authorization", name))
+
+
+# -- field values a word at a time ---------------------------------------------------------
+# The compiled scanner checks a value eight bytes at a time (SP and VCHAR only) up to the
+# line's CR, byte by byte after the first word holding anything else. Values built from
+# the bytes at the edges of those sets, at every offset and length around a word, must be
+# judged exactly as the twin judges them, with the same trimmed value.
+
+_EDGE_BYTES = st.sampled_from(
+    [
+        b"a",
+        b"a",
+        b"a",
+        b" ",
+        b"\t",
+        b"!",
+        b"~",
+        b"\x7f",
+        b"\x80",
+        b"\xff",
+        b"\x1f",
+        b"\x00",
+        b"\n",
+        b"\r",
+        b"\x0b",
+    ]
+)
+_EDGE_VALUES = st.lists(_EDGE_BYTES, min_size=0, max_size=40).map(b"".join)
+
+
+@settings(max_examples=600, deadline=None)
+@given(value=_EDGE_VALUES, pad=st.integers(0, 9))
+def test_word_scan_values_parity(value: bytes, pad: int) -> None:
+    data = request(b"Host: a", b"X-" + b"p" * pad + b": " + value, b"Accept: */*")
+    got = scan(compiled, data), scan(python, data)
+    same_request(*got)
+    if got[1] is not None:
+        assert_request_parity(got[1], data)
+    resp = response(b"Server: " + value, b"Content-Length: 0")
+    answers = [ex.scan_response(resp, False, VIA, RID, False) for ex in (compiled, python)]
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 15, 16, 17, 150])
+def test_word_scan_long_values_accepted_and_trimmed(ex: ModuleType, n: int) -> None:
+    value = bytes(0x21 + i % 94 for i in range(n))
+    found = scan(ex, request(b"Host: a", b"Authorization: Bearer " + value + b" \t "))
+    assert found is not None
+    assert found.authorization == (b"Bearer " + value).rstrip()
+    assert scan(ex, request(b"Host: a", b"X-A: " + value + b"\x7f")) is None
