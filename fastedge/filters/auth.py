@@ -1027,7 +1027,7 @@ class AuthFilter(ExpressPolicyBase):
         # "Bearer <token>" as clients write it, without a call: what _bearer returns
         # for it (the token starts and ends with no space). _bearer has the rest.
         if n > 7 and value[n - 1] > 32 and value[7] != 32 and value.startswith(b"Bearer "):
-            token: bytes | None = value[7:]
+            token: bytes | None = value[7:n]  # [7:n], not [7:]: compiled, a C copy
         else:
             token = _bearer(value)
         state = self.state
