@@ -40,7 +40,7 @@ bench: build
 
 # Side-by-side load run against nginx and HAProxy (installs them from Debian if missing).
 bench-load: build
-	$(PY) -m bench.load.run --results bench/RESULTS.md
+	$(PY) -m bench.load.run --interleave --rounds 5 --duration 6 --results bench/RESULTS.md
 
 clean:
 	rm -rf build fastedge/_core/*.c fastedge/_core/*.so fastedge/_core/*.html \

@@ -155,11 +155,16 @@ def _table_rows(output: str) -> dict[tuple[str, str], list[str]]:
 
 
 def run_harness(
-    proxies: list[str], results: Path, *, memory_connections: int, timeout: float
+    proxies: list[str],
+    results: Path,
+    *,
+    memory_connections: int,
+    timeout: float,
+    extra: tuple[str, ...] = ("--rounds", "1"),
 ) -> subprocess.CompletedProcess[str]:
     """The real harness, one 1-second round over ``proxies`` (never installing anything),
     with ``memory_connections`` idle connections in the memory scenario (0 = skip it),
-    writing its tables into ``results``."""
+    writing its tables into ``results``; ``extra`` replaces the round count."""
     return subprocess.run(
         [
             sys.executable,
@@ -167,8 +172,7 @@ def run_harness(
             "bench.load.run",
             "--duration",
             "1",
-            "--rounds",
-            "1",
+            *extra,
             "--only",
             ",".join(proxies),
             "--memory-connections",
@@ -220,3 +224,38 @@ def test_harness_smoke_run(tmp_path: Path) -> None:
     assert run.RESULTS_START in written and run.RESULTS_END in written
     assert "| fastedge | small |" in written
     assert "Versions: nginx" in written
+
+
+@pytest.mark.slow
+def test_harness_interleaved_run(tmp_path: Path) -> None:
+    """``--interleave``: each proxy started once, measured every round, the ratio table
+    filled from same-round pairs, and every process gone afterwards."""
+    missing = [tool for tool in ("nginx", "wrk", "taskset") if not run.find_tool(tool)]
+    if missing:
+        pytest.fail(
+            f"the interleaved smoke test needs {', '.join(missing)} (.ci/run installs them)"
+        )
+    results = tmp_path / "RESULTS.md"
+    proxies = ["nginx", "fastedge", "fastedge-chain"]
+    done = run_harness(
+        proxies,
+        results,
+        memory_connections=0,
+        timeout=180,
+        extra=("--rounds", "2", "--interleave"),
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    # Every proxy measured in both rounds (the harness logs each measured run).
+    for proxy in proxies:
+        runs = [
+            line
+            for line in done.stdout.splitlines()
+            if line.split()[2:4] == [proxy, "small"] and "req/s" in line
+        ]
+        assert len(runs) == 2, (proxy, output)
+    assert "round 2/2  nginx     64KiB" in done.stdout
+    rows = _table_rows(done.stdout)
+    assert rows[("nginx", "small")][6] == "1.00x"
+    assert rows[("fastedge-chain", "small")][6].endswith("x")
+    assert "interleave" in results.read_text()

@@ -17,6 +17,11 @@ Method, and why:
   order is reversed. Slow drift on a shared machine (thermal, other jobs) then hits all
   proxies alike instead of always penalising the one that runs last; the medians over
   rounds and the per-round ratio to nginx absorb what is left.
+* **Interleaving** (``--interleave``, what ``make bench-load`` uses): every proxy is
+  started once and kept running (an idle one takes no CPU), and each round measures one
+  scenario on every proxy in turn, so a proxy's run and nginx's are seconds apart rather
+  than minutes; on a shared host whose speed drifts by tens of percent over minutes this
+  is what keeps the same-round ratios steady.
 * **Warm-up**: ~1 s of load before each measured run fills connection pools and caches so
   the measurement does not include connection setup.
 * **Ratios, not absolute numbers**: req/s depends on the machine; "x times nginx,
@@ -608,6 +613,8 @@ class Bench:
     # (proxy, scenario, round) → result, for ratios computed within the same round.
     by_round: dict[tuple[str, str, int], WrkResult] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    # --interleave: every proxy kept running, scenarios measured in turn (run_interleaved).
+    interleave: bool = False
 
     def start_upstream(self) -> None:
         """Write the 64 KiB file and start the origin nginx on the load CPU."""
@@ -664,9 +671,10 @@ class Bench:
             )
         return parse_wrk(done.stdout)
 
-    def measure_proxy(self, name: str, round_index: int) -> None:
-        """Start one proxy on the proxy CPU, warm up and measure each scenario, stop it."""
-        workdir = self.workdir / f"{name}-round{round_index}"
+    def start_proxy(self, name: str, label: str) -> tuple[subprocess.Popen[bytes], int] | None:
+        """Start proxy ``name`` on its CPUs and wait until it answers: ``(process, port)``,
+        or ``None`` with the reason in :attr:`failures` (and nothing left running)."""
+        workdir = self.workdir / f"{name}-{label}"
         workdir.mkdir()
         port = free_port()
         log = workdir / "output.log"
@@ -676,28 +684,54 @@ class Bench:
             proc = self.processes.start(argv, log, spec.cpus)
         except OSError as exc:
             self.failures[name] = f"could not start: {exc}"
-            return
+            return None
         try:
             # nginx writes start-up problems to error.log, everything else to stdout.
             error_log = workdir / "error.log"
             wait_ready(proc, port, error_log if name == "nginx" else log, headers=spec.wrk_headers)
-            for scenario, path in SCENARIOS.items():
-                if not spec.runs(scenario):
-                    continue
-                self.run_wrk(port, path, WARMUP_S, spec.wrk_headers)
-                result = self.run_wrk(port, path, self.duration, spec.wrk_headers)
-                self.results.setdefault((name, scenario), []).append(result)
-                self.by_round[(name, scenario, round_index)] = result
-                print(
-                    f"  round {round_index + 1}/{self.rounds}  {name:<9} {scenario:<6} "
-                    f"{result.requests_per_sec:>10.0f} req/s"
-                    f"  p50 {format_latency(result.p50_us):>8}"
-                    f"  p99 {format_latency(result.p99_us):>8}"
-                    f"  errors {result.errors}",
-                    flush=True,
-                )
-            if proc.poll() is not None:
-                raise ProxyFailed(f"exited during the run with code {proc.returncode}")
+        except ProxyFailed as exc:
+            self.failures[name] = str(exc)
+            print(f"  {name:<9} FAILED to start: {exc}", flush=True)
+            self.processes.stop(proc)
+            return None
+        return proc, port
+
+    def measure(
+        self,
+        name: str,
+        proc: subprocess.Popen[bytes],
+        port: int,
+        scenario: str,
+        round_index: int,
+    ) -> None:
+        """Warm up, then measure one scenario of a running proxy (raises ProxyFailed)."""
+        spec = PROXIES[name]
+        path = SCENARIOS[scenario]
+        self.run_wrk(port, path, WARMUP_S, spec.wrk_headers)
+        result = self.run_wrk(port, path, self.duration, spec.wrk_headers)
+        if proc.poll() is not None:
+            raise ProxyFailed(f"exited during the run with code {proc.returncode}")
+        self.results.setdefault((name, scenario), []).append(result)
+        self.by_round[(name, scenario, round_index)] = result
+        print(
+            f"  round {round_index + 1}/{self.rounds}  {name:<9} {scenario:<6} "
+            f"{result.requests_per_sec:>10.0f} req/s"
+            f"  p50 {format_latency(result.p50_us):>8}"
+            f"  p99 {format_latency(result.p99_us):>8}"
+            f"  errors {result.errors}",
+            flush=True,
+        )
+
+    def measure_proxy(self, name: str, round_index: int) -> None:
+        """Start one proxy on the proxy CPU, warm up and measure each scenario, stop it."""
+        started = self.start_proxy(name, f"round{round_index}")
+        if started is None:
+            return
+        proc, port = started
+        try:
+            for scenario in SCENARIOS:
+                if PROXIES[name].runs(scenario):
+                    self.measure(name, proc, port, scenario, round_index)
         except (ProxyFailed, ValueError, subprocess.TimeoutExpired) as exc:
             self.failures[name] = str(exc)
             print(f"  round {round_index + 1}/{self.rounds}  {name:<9} FAILED: {exc}", flush=True)
@@ -707,6 +741,9 @@ class Bench:
     def run(self) -> None:
         """All rounds; the proxy order flips every round (see module docstring)."""
         self.start_upstream()
+        if self.interleave:
+            self.run_interleaved()
+            return
         for round_index in range(self.rounds):
             order = self.proxies if round_index % 2 == 0 else list(reversed(self.proxies))
             for name in order:
@@ -714,6 +751,38 @@ class Bench:
                 # broken one would only waste the start-up timeout every round.
                 if name not in self.failures:
                     self.measure_proxy(name, round_index)
+
+    def run_interleaved(self) -> None:
+        """``--interleave``: every proxy started once and kept running (idle ones cost
+        nothing); each round measures one scenario on every proxy in turn before the
+        next scenario, the order flipping every round. A proxy's runs and nginx's are
+        then seconds apart, not minutes, so host drift between them is smaller."""
+        running: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        try:
+            for name in self.proxies:
+                started = self.start_proxy(name, "interleaved")
+                if started is not None:
+                    running[name] = started
+            for round_index in range(self.rounds):
+                order = self.proxies if round_index % 2 == 0 else list(reversed(self.proxies))
+                for scenario in SCENARIOS:
+                    for name in order:
+                        if name not in running or name in self.failures:
+                            continue
+                        if not PROXIES[name].runs(scenario):
+                            continue
+                        proc, port = running[name]
+                        try:
+                            self.measure(name, proc, port, scenario, round_index)
+                        except (ProxyFailed, ValueError, subprocess.TimeoutExpired) as exc:
+                            self.failures[name] = str(exc)
+                            print(
+                                f"  round {round_index + 1}/{self.rounds}  {name:<9} FAILED: {exc}",
+                                flush=True,
+                            )
+        finally:
+            for proc, _ in running.values():
+                self.processes.stop(proc)
 
 
 @dataclass(frozen=True)
@@ -984,6 +1053,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-install", action="store_true", help="never apt-get; fail if a tool is missing"
     )
     parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="start every proxy once and alternate them run by run (less host drift)",
+    )
+    parser.add_argument(
         "--memory-connections",
         type=int,
         default=10_000,
@@ -1048,6 +1122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tools=tools,
             processes=processes,
             workdir=Path(tmp),
+            interleave=args.interleave,
         )
         try:
             bench.run()
