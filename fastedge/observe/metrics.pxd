@@ -18,6 +18,10 @@ cdef class Counter:
 cdef class Metrics
 
 
+@cython.locals(cell=Counter)
+cdef _record(list hist, double seconds)
+
+
 # A route's request metrics as a cell: the express lane records each request through
 # one C call on C doubles, without the registry's dictionary lookups.
 cdef class RouteStats:

@@ -186,6 +186,15 @@ class Counter:
         self.value += 1
 
 
+# A type comment: the compiled build declares it a C function (metrics.pxd).
+def _record(hist, seconds):  # type: (list[Counter], float) -> None
+    """Count ``seconds`` in a histogram of cells: one in its bucket, and into the sum."""
+    cell = hist[_bucket(seconds)]
+    cell.value += 1
+    cell = hist[-1]
+    cell.value += seconds
+
+
 class RouteStats:
     """One route's built-in request metrics, held as a cell (:meth:`Metrics.route`).
 
@@ -220,18 +229,12 @@ class RouteStats:
         hist = self.total
         if hist is None:
             hist = self.total = self.metrics._histogram(self.metrics._total, self.name)
-        cell = hist[_bucket(total_seconds)]
-        cell.value += 1
-        cell = hist[-1]
-        cell.value += total_seconds
+        _record(hist, total_seconds)
         if upstream_seconds is not None:
             hist = self.upstream
             if hist is None:
                 hist = self.upstream = self.metrics._histogram(self.metrics._upstream, self.name)
-            cell = hist[_bucket(upstream_seconds)]
-            cell.value += 1
-            cell = hist[-1]
-            cell.value += upstream_seconds
+            _record(hist, upstream_seconds)
 
     def _series(self, method, status):  # type: (str, int) -> Counter
         """The requests cell for (method, status), remembered as the last one."""
