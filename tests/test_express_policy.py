@@ -31,7 +31,7 @@ from fastedge.errors import ProxyError
 from fastedge.filters import FilterChain, FilterContext, Runtime, build_route_filters
 from fastedge.filters.account import AccountChecker
 from fastedge.filters.auth import AuthFilter, AuthState, Verified, _bearer
-from fastedge.filters.express import ExpressContext, admit
+from fastedge.filters.express import ExpressContext, ExpressPolicyBase, admit
 from fastedge.filters.ratelimit import RateLimitFilter, build_rate_limit_filter
 from fastedge.observe.metrics import Metrics
 from fastedge.observe.tracecontext import FLAG_SAMPLED, TraceContext
@@ -335,6 +335,59 @@ def test_admit_stops_at_the_first_false_check(refuser: int) -> None:
     fakes = [Fake(name, log, check=i != refuser) for i, name in enumerate("abc")]
     assert admit(tuple(fakes), scan(), CLIENT_IP, ROUTE) is None
     assert log == [f"check {name}" for name in "abc"[: refuser + 1]]
+
+
+class BasedFake(ExpressPolicyBase):
+    """``Fake`` as a Python subclass of the C base: admit calls it through the base's
+    C methods, which must still reach these Python overrides."""
+
+    def __init__(self, name: str, log: list[str], *, check: bool = True) -> None:
+        self.name = name
+        self.log = log
+        self.express_ready = True
+        self.express_consumes = False
+        self.answer = check
+
+    def express_check(self, x: ExpressContext) -> bool:
+        self.log.append(f"check {self.name}")
+        return self.answer
+
+    def express_apply(self, x: ExpressContext) -> None:
+        self.log.append(f"apply {self.name}")
+        x.drop += (self.name.encode(),)
+
+
+@pytest.mark.parametrize("refuser", [None, 0, 1, 2])
+def test_admit_calls_base_subclasses_and_protocol_filters_alike(refuser: int | None) -> None:
+    """Subclasses of ExpressPolicyBase (called as C methods) and protocol-only filters
+    (called the Python way) mixed in one chain: the same order, the same stop."""
+    log: list[str] = []
+    filters = (
+        BasedFake("a", log, check=refuser != 0),
+        Fake("b", log, check=refuser != 1),
+        BasedFake("c", log, check=refuser != 2),
+    )
+    x = admit(filters, scan(), CLIENT_IP, ROUTE)
+    if refuser is None:
+        assert log == ["check a", "check b", "check c", "apply a", "apply b", "apply c"]
+        assert x is not None and x.drop == (b"a", b"b", b"c")
+    else:
+        assert x is None
+        assert log == [f"check {name}" for name in "abc"[: refuser + 1]]
+
+
+def test_express_policy_base_has_no_default_decision() -> None:
+    """The base decides nothing itself: a subclass that forgets a method fails loudly,
+    and the built-in policy filters are subclasses (so admit calls them in C)."""
+    x = ExpressContext(scan(), CLIENT_IP, ROUTE)
+    with pytest.raises(NotImplementedError):
+        ExpressPolicyBase().express_check(x)
+    with pytest.raises(NotImplementedError):
+        ExpressPolicyBase().express_apply(x)
+    with pytest.raises(NotImplementedError):
+        admit((ExpressPolicyBase(),), scan(), CLIENT_IP, ROUTE)
+    assert issubclass(AuthFilter, ExpressPolicyBase)
+    assert issubclass(RateLimitFilter, ExpressPolicyBase)
 
 
 def test_admit_refused_by_auth_takes_no_limiter_token() -> None:
