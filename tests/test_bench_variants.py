@@ -48,6 +48,17 @@ def test_chain_config_and_token(monkeypatch: pytest.MonkeyPatch) -> None:
     assert claims["sub"] == "bench-user" and claims["exp"] > claims["iat"]
 
 
+def test_health_config_checks_the_origin_and_routes_to_it() -> None:
+    """``fastedge-hc``: a valid config whose upstream has health checks (so it is
+    resilient: the general path), probing a path the origin answers."""
+    cfg = parse_config(_toml(variants.health_config(8080, 9000)))
+    upstream = cfg.upstreams["origin"]
+    assert upstream.health_check is not None and upstream.health_check.path == "/small"
+    assert upstream.resilient
+    assert [r.prefix for r in cfg.routes] == ["/"]
+    assert run.PROXIES["fastedge-hc"].runs("small") and not run.PROXIES["fastedge-hc"].runs("64KiB")
+
+
 def test_memory_config_leaves_room_for_the_connections() -> None:
     config = parse_config(_toml(variants.memory_config(8080, 9000, 10_000)))
     assert config.server.max_connections > 10_000
