@@ -337,24 +337,9 @@ def test_admit_stops_at_the_first_false_check(refuser: int) -> None:
     assert log == [f"check {name}" for name in "abc"[: refuser + 1]]
 
 
-class BasedFake(ExpressPolicyBase):
-    """``Fake`` as a Python subclass of the C base: admit calls it through the base's
-    C methods, which must still reach these Python overrides."""
-
-    def __init__(self, name: str, log: list[str], *, check: bool = True) -> None:
-        self.name = name
-        self.log = log
-        self.express_ready = True
-        self.express_consumes = False
-        self.answer = check
-
-    def express_check(self, x: ExpressContext) -> bool:
-        self.log.append(f"check {self.name}")
-        return self.answer
-
-    def express_apply(self, x: ExpressContext) -> None:
-        self.log.append(f"apply {self.name}")
-        x.drop += (self.name.encode(),)
+class BasedFake(Fake, ExpressPolicyBase):
+    """``Fake`` deriving from the C base too: admit calls it through the base's C
+    methods, which must still reach ``Fake``'s Python methods."""
 
 
 @pytest.mark.parametrize("refuser", [None, 0, 1, 2])

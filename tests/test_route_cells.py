@@ -231,6 +231,18 @@ def _family_lines(text: str, prefix: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(prefix)]
 
 
+def _histogram_lines(name: str, cumulative: list[int], total: str) -> list[str]:
+    """Route ``r``'s scrape lines of histogram ``name``, written out."""
+    return [
+        *(
+            f'{name}_bucket{{route="r",le="{le}"}} {n}'
+            for le, n in zip(LE, cumulative, strict=True)
+        ),
+        f'{name}_sum{{route="r"}} {total}',
+        f'{name}_count{{route="r"}} {cumulative[-1]}',
+    ]
+
+
 @metrics_impls
 def test_a_small_example_renders_exactly(mod: ModuleType) -> None:
     """Exact scrape lines, written out by hand. Times are binary fractions, so the sums
@@ -246,23 +258,13 @@ def test_a_small_example_renders_exactly(mod: ModuleType) -> None:
         'fastedge_requests_total{route="r",method="OTHER",status="503"} 1',
     ]
     total = [0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3]
-    assert _family_lines(text, "fastedge_request_duration_seconds_") == [
-        *(
-            f'fastedge_request_duration_seconds_bucket{{route="r",le="{le}"}} {n}'
-            for le, n in zip(LE, total, strict=True)
-        ),
-        'fastedge_request_duration_seconds_sum{route="r"} 12.0048828125',
-        'fastedge_request_duration_seconds_count{route="r"} 3',
-    ]
+    assert _family_lines(text, "fastedge_request_duration_seconds_") == _histogram_lines(
+        "fastedge_request_duration_seconds", total, "12.0048828125"
+    )
     upstream = [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
-    assert _family_lines(text, "fastedge_upstream_duration_seconds_") == [
-        *(
-            f'fastedge_upstream_duration_seconds_bucket{{route="r",le="{le}"}} {n}'
-            for le, n in zip(LE, upstream, strict=True)
-        ),
-        'fastedge_upstream_duration_seconds_sum{route="r"} 0.001953125',
-        'fastedge_upstream_duration_seconds_count{route="r"} 1',
-    ]
+    assert _family_lines(text, "fastedge_upstream_duration_seconds_") == _histogram_lines(
+        "fastedge_upstream_duration_seconds", upstream, "0.001953125"
+    )
     totals = m.request_totals()
     assert totals.requests == 3
     assert totals.by_class == (0, 0, 2, 0, 0, 1)
