@@ -43,13 +43,10 @@ cdef class ExpressLane:
 cdef class UpstreamConnection(PooledBase):
     cdef public ClientConnection xclient
     cdef public object target
-    cdef public object transport
     cdef public Exchange exchange
     cdef public object codec
     cdef public double idle_since
     cdef public bint read_paused
-    cdef public bint _dead
-    cpdef bint is_usable(self) except -1
 
 
 cdef class ClientConnection:

@@ -160,27 +160,18 @@ def raw_error(status: int, message: str, request_id: bytes, *, retry_after: int 
 class UpstreamConnection(PooledBase):
     """One connection to an upstream target; carries one exchange at a time."""
 
-    __slots__ = (
-        "_dead",
-        "codec",
-        "exchange",
-        "idle_since",
-        "read_paused",
-        "target",
-        "transport",
-        "xclient",
-    )
+    # transport and _dead are PooledBase's, with is_usable().
+    __slots__ = ("codec", "exchange", "idle_since", "read_paused", "target", "xclient")
 
     def __init__(self, target: Target) -> None:
+        super().__init__()  # no transport yet, not dead
         self.target = target
         # The client connection whose express request this connection carries.
         self.xclient: ClientConnection | None = None
-        self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
         self.codec: ClientCodec | None = None  # the last exchange's codec, for recycling
         self.idle_since = 0.0
         self.read_paused = False
-        self._dead = False
 
     # --- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -243,12 +234,7 @@ class UpstreamConnection(PooledBase):
         if ex is not None:
             ex.conn.set_pause(_PAUSE_UPSTREAM, False)
 
-    # --- pool protocol ------------------------------------------------------------------
-    def is_usable(self) -> bool:
-        """Open and clean: nothing arrived while idle."""
-        t = self.transport
-        return not self._dead and t is not None and not t.is_closing()
-
+    # --- pool protocol (is_usable: PooledBase's) -----------------------------------------
     def close(self) -> None:
         """Close the connection (idempotent)."""
         self._dead = True

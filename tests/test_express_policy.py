@@ -361,16 +361,21 @@ def test_admit_calls_base_subclasses_and_protocol_filters_alike(refuser: int | N
         assert log == [f"check {name}" for name in "abc"[: refuser + 1]]
 
 
-def test_express_policy_base_has_no_default_decision() -> None:
-    """The base decides nothing itself: a subclass that forgets a method fails loudly,
-    and the built-in policy filters are subclasses (so admit calls them in C)."""
+def test_express_policy_base_alone_declines_everything() -> None:
+    """The base is the policy that decides nothing on the lane: its check declines (the
+    general path decides), its apply changes nothing, so a chain holding it never admits
+    on the lane and checks nothing after it. The built-in policy filters are
+    subclasses (so admit calls them in C)."""
     x = ExpressContext(scan(), CLIENT_IP, ROUTE)
-    with pytest.raises(NotImplementedError):
-        ExpressPolicyBase().express_check(x)
-    with pytest.raises(NotImplementedError):
-        ExpressPolicyBase().express_apply(x)
-    with pytest.raises(NotImplementedError):
-        admit((ExpressPolicyBase(),), scan(), CLIENT_IP, ROUTE)
+    base = ExpressPolicyBase()
+    assert base.express_check(x) is False
+    base.express_apply(x)
+    assert (x.drop, x.fields, x.extra, x.claims, x.auth) == ((), (), b"", None, None)
+    log: list[str] = []
+    assert admit((base, Fake("b", log)), scan(), CLIENT_IP, ROUTE) is None
+    assert log == []
+    assert admit((Fake("a", log), base), scan(), CLIENT_IP, ROUTE) is None
+    assert log == ["check a"]
     assert issubclass(AuthFilter, ExpressPolicyBase)
     assert issubclass(RateLimitFilter, ExpressPolicyBase)
 

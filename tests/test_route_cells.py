@@ -513,21 +513,37 @@ async def test_take_idle_asks_is_usable(mod: ModuleType, kind: str) -> None:
 
 
 @pool_impls
-async def test_pooled_base_is_abstract(mod: ModuleType) -> None:
-    """``PooledBase.is_usable`` raises; a subclass that does not override it makes
-    ``take_idle`` raise too, leaving the idle stack as it was."""
-    with pytest.raises(NotImplementedError):
-        mod.PooledBase().is_usable()
+async def test_pooled_base_is_usable_only_with_an_open_transport(mod: ModuleType) -> None:
+    """``PooledBase.is_usable``: a transport, not closing, and not marked dead. A
+    subclass that keeps it is taken from the idle stack only then; otherwise
+    ``take_idle`` leaves the stack as it was."""
 
-    class Unfinished(mod.PooledBase):  # type: ignore[name-defined,misc]
+    class Transport:
+        def __init__(self) -> None:
+            self.closing = False
+
+        def is_closing(self) -> bool:
+            return self.closing
+
+    class Plain(mod.PooledBase):  # type: ignore[name-defined,misc]
         pass
 
+    conn = Plain()
+    assert conn.transport is None and not conn.is_usable()
     pool = _pool(mod)
-    conn = Unfinished()
     pool.state.idle.append(conn)
-    with pytest.raises(NotImplementedError):
-        pool.take_idle()
+    assert pool.take_idle() is None
     assert pool.state.idle == [conn] and pool.state.busy == 0
+    conn.transport = transport = Transport()
+    assert conn.is_usable()
+    transport.closing = True
+    assert not conn.is_usable() and pool.take_idle() is None
+    transport.closing = False
+    conn._dead = True
+    assert not conn.is_usable() and pool.take_idle() is None
+    conn._dead = False
+    assert pool.take_idle() is conn
+    assert pool.state.idle == [] and pool.state.busy == 1
 
 
 def test_upstream_connection_is_a_pooled_base() -> None:

@@ -92,17 +92,20 @@ class ExpressPolicyBase:
     compiled, it is a C struct whose ``express_check`` and ``express_apply`` are C
     methods (express.pxd), and a filter deriving from it in a compiled module with its
     own declarations (auth's, the rate limit's) overrides them as C methods too. A filter
-    that only implements the protocol is called the Python way."""
+    that only implements the protocol is called the Python way.
+
+    On its own it is the policy that decides nothing on the lane: its check declines
+    every request (the general path's ``on_request`` then decides, as for any refusal),
+    and its apply changes nothing."""
 
     __slots__ = ()
 
     def express_check(self, x: ExpressContext) -> bool:
-        """See :class:`ExpressPolicy`."""
-        raise NotImplementedError
+        """Decline: the general path decides (see :class:`ExpressPolicy`)."""
+        return False
 
     def express_apply(self, x: ExpressContext) -> None:
-        """See :class:`ExpressPolicy`."""
-        raise NotImplementedError
+        """Nothing to add or drop (see :class:`ExpressPolicy`)."""
 
 
 # A type comment: the compiled build declares admit cpdef in express.pxd.

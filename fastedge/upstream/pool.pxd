@@ -6,6 +6,8 @@ cimport cython
 
 
 cdef class PooledBase:
+    cdef public object transport
+    cdef public bint _dead
     cpdef bint is_usable(self) except -1
 
 

@@ -41,15 +41,23 @@ class PooledConnection(Protocol):
 
 
 class PooledBase:
-    """A base for a connection class the pool asks :meth:`is_usable` as a C call: the
-    compiled pool (pool.pxd) takes one from the idle stack per request on the proxy's
+    """A connection over a transport, which the pool asks :meth:`is_usable` as a C call:
+    the compiled pool (pool.pxd) takes one from the idle stack per request on the proxy's
     express lane. Any other object with :class:`PooledConnection`'s methods works too."""
 
-    __slots__ = ()
+    __slots__ = ("_dead", "transport")
+
+    def __init__(self) -> None:
+        # Types as comments: annotations here would clash with pool.pxd.
+        self.transport = None  # type: Any
+        # Set when the connection must never be reused: stray bytes or EOF while idle,
+        # closed by us, or lost.
+        self._dead = False
 
     def is_usable(self) -> bool:
         """Open, and no stray bytes or EOF arrived while idle."""
-        raise NotImplementedError
+        t = self.transport
+        return not self._dead and t is not None and not t.is_closing()
 
 
 def _usable(conn):  # type: (Any) -> bool
