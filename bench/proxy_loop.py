@@ -12,7 +12,9 @@ event loop I/O), run it under callgrind twice and subtract:
 route (JWT auth with cached verification, a local per-user limit that never triggers,
 tracing at 1% sampling: the ``fastedge-chain`` variant of ``bench/load/variants.py``)
 and sends a bearer token. ``--sampled`` is the chain with every request sampled (the
-general path's cost for the 1% the chain records).
+general path's cost for the 1% the chain records). ``--health`` gives the upstream active
+health checks (the ``fastedge-hc`` variant; the checks are not started, so the target
+stays healthy).
 
 `callgrind_annotate --inclusive=yes` on the second output shows where they go.
 """
@@ -66,8 +68,20 @@ def cache_document() -> dict[str, Any]:
     return doc
 
 
+def health_document() -> dict[str, Any]:
+    """``fake_document`` whose upstream has active health checks (``--health``)."""
+    doc = fake_document()
+    doc["upstreams"]["o"]["health_check"] = {"path": "/small", "interval": "2s"}
+    return doc
+
+
 async def drive(
-    count: int, *, chain: bool = False, cache: bool = False, sampled: bool = False
+    count: int,
+    *,
+    chain: bool = False,
+    cache: bool = False,
+    sampled: bool = False,
+    health: bool = False,
 ) -> None:
     """Build a gateway with one idle pooled upstream connection and relay ``count``
     (``cache``: fill the cache once, then answer ``count`` hits from it)."""
@@ -85,7 +99,10 @@ async def drive(
         written = cast(FakeTransport, client.transport).written
         assert written == count + 1, written
         return
-    doc = chain_document(1.0 if sampled else None) if chain else fake_document()
+    if chain:
+        doc = chain_document(1.0 if sampled else None)
+    else:
+        doc = health_document() if health else fake_document()
     _, client, upstream = fake_server(doc)
     for _ in range(count):
         client.data_received(request)
@@ -106,6 +123,7 @@ def main() -> None:
             chain="--chain" in flags or "--sampled" in flags,
             cache="--cache" in flags,
             sampled="--sampled" in flags,
+            health="--health" in flags,
         )
     )
 

@@ -14,7 +14,7 @@ import math
 import random
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -132,6 +132,8 @@ class Upstream:
         "checker",
         "config",
         "express",
+        "express_health",
+        "express_tier",
         "fallback",
         "fallback_response",
         "hash_key",
@@ -146,6 +148,7 @@ class Upstream:
         "retry_policy",
         "retry_statuses",
         "targets",
+        "verdicts",
     )
 
     def __init__(
@@ -206,6 +209,9 @@ class Upstream:
         self.retry_statuses: frozenset[int] = (
             frozenset(self.retry_policy.retry_on_statuses) if self.retry_policy else frozenset()
         )
+        # Whether an attempt's outcome changes anything (report(), record_request()): a
+        # breaker, outlier detection or a retry policy (and its budget) is configured.
+        self.verdicts = cfg.breaker is not None or cfg.outlier is not None or cfg.retry is not None
         self.fallback: Upstream | None = None  # resolved by build_gateway (same generation)
         self.fallback_response = cfg.fallback_response
         old_targets = {t.name: t for t in prev.targets} if prev is not None else {}
@@ -233,6 +239,9 @@ class Upstream:
         self.balancer: Any = None
         self.checker: HealthChecker[Target] | None = None
         self.resilient = False
+        self.express = False
+        self.express_health: Mapping[Target, HealthState] | None = None
+        self.express_tier: Any = None
         self._install(targets, seed)
 
     # --- building -------------------------------------------------------------------------
@@ -311,13 +320,29 @@ class Upstream:
                 if t in known:
                     for _ in range(old_balancer.inflight(t)):
                         balancer.acquire(t)
+        # Resilient only through active health checks, in one tier: the resilience
+        # contract then reduces to "the balancer's pick among healthy targets" (no
+        # breaker to admit, nothing to report, no budget, no retry but the connect
+        # failover, which the lane never needs: it only uses idle pooled connections).
+        checked_only = (
+            checker is not None
+            and cfg.outlier is None
+            and cfg.breaker is None
+            and cfg.retry is None
+            and cfg.fallback is None
+            and cfg.fallback_response is None
+            and len({t.priority for t in targets}) == 1
+        )
         self.targets = targets
         self.balancer = balancer
         self.checker = checker
         self.resilient = resilient
-        # Plain enough for the express lane: one synchronous pick, no per-request
-        # bookkeeping, the client's Host forwarded (fastedge.proxy, _express).
-        self.express = not (resilient or self.load_aware or self.keyed) and self.host_header is None
+        self.express_health = checker.states if checked_only and checker is not None else None
+        self.express_tier = balancer.balancers[0] if checked_only else None
+        # Plain enough for the express lane: a synchronous pick (the balancer's, or for a
+        # resilient upstream express_pick() or express_attempt()), no in-flight counts,
+        # no request key, the client's Host forwarded (fastedge.proxy, _express).
+        self.express = not (self.load_aware or self.keyed) and self.host_header is None
 
     def _probe_host(self, target: Target) -> str:
         hc = self.config.health_check
@@ -455,6 +480,51 @@ class Upstream:
             return False
         od = self.outlier
         return od is None or self._ignore_ejection or not od.is_ejected(target.name, self._now)
+
+    def express_pick(self) -> Target | None:
+        """The express lane's target for a health-checked upstream (``express_health``
+        set): exactly ``candidates(None)[0]``, and ``None`` when that is empty, without
+        building the failover list. The round robin advances only when some target is
+        healthy, as in :meth:`PriorityGroups.candidates`."""
+        health = self.express_health
+        assert health is not None
+        for t in self.targets:
+            if health[t].healthy:
+                break
+        else:
+            return None  # none healthy: the general path answers (503, no panic mode)
+        first: Target = self.express_tier.pick()
+        if health[first].healthy:
+            return first
+        # The failover order after an unhealthy pick: the tier's list order.
+        for t in self.targets:
+            if health[t].healthy:
+                return t
+        return None  # unreachable: one target was healthy above
+
+    def express_attempt(self) -> tuple[Target, int] | None:
+        """The express lane's first attempt on a resilient upstream: the first of
+        :meth:`candidates` that :meth:`admit` lets through and its generation, exactly as
+        the proxy's first resilient attempt chooses; ``None`` when none is (the general
+        path then answers: a fallback, a static answer or 503). The caller reports the
+        attempt's outcome, or abandons it when it does not send the request."""
+        for candidate in self.candidates(None):
+            generation = self.admit(candidate)
+            if generation is not None:
+                return candidate, generation
+        return None
+
+    def express_decline(self, target: Target, generation: int) -> None:
+        """The express lane chose ``target`` (``generation``: the breaker's from
+        :meth:`express_attempt`, ``-1`` for a plain upstream) and then left the request
+        to the general path, which chooses again: free the breaker's admission and take
+        the balancer's pick back, so the general path chooses as if the lane had never
+        looked (else round robin over two targets would hand the general path the other
+        one, every time)."""
+        if generation > -1:
+            self.abandon(target, generation)
+        balancer = self.express_tier if self.express_health is not None else self.balancer
+        balancer.unpick()
 
     def record_request(self) -> None:
         """One original request arrived (the retry budget's denominator)."""

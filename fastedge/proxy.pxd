@@ -77,6 +77,7 @@ cdef class ClientConnection:
     cdef public object xtarget
     cdef public UpstreamConnection xup
     cdef public double xstart, xsent, xdue
+    cdef public long long xgen
     cdef public ExpressContext xadmit
     cdef public object xspan, xtrace
     @cython.locals(lane=ExpressSettings)

@@ -411,6 +411,7 @@ class ClientConnection:
         "write_paused",
         "xadmit",
         "xdue",
+        "xgen",
         "xreq",
         "xroute",
         "xsent",
@@ -459,6 +460,7 @@ class ClientConnection:
         self.xstart = 0.0
         self.xsent = 0.0
         self.xdue = 0.0
+        self.xgen = -1  # the breaker generation of a resilient upstream's attempt
         # What its policy filters decided (fastedge.filters.ExpressContext), and its
         # unsampled span's (trace id, span id), when the route and config have them.
         self.xadmit: ExpressContext | None = None
@@ -838,10 +840,26 @@ class ClientConnection:
             if span_id is None:
                 return False  # sampled: the general path records it, under this id
             span_ids = (trace_id, span_id)
-        target = upstream.balancer.pick()
+        # The attempt's breaker generation on a resilient upstream (-1: not resilient),
+        # what Exchange._attempt_resilient records for its first attempt.
+        gen = -1
+        if not upstream.resilient:
+            target = upstream.balancer.pick()
+        elif upstream.express_health is not None:
+            # Health checks only: the pick among healthy targets (candidates()[0]).
+            target = upstream.express_pick()
+            if target is None:
+                return False  # none healthy: the general path answers
+            gen = 0
+        else:
+            attempt = upstream.express_attempt()
+            if attempt is None:
+                return False  # nothing available: a fallback, a static answer or a 503
+            target, gen = attempt
         pool = target.pool
         conn = pool.take_idle()
         if conn is None:
+            upstream.express_decline(target, gen)
             return False  # the general path connects (in a task) or waits
         admitted = None
         drop = None
@@ -850,9 +868,12 @@ class ClientConnection:
             admitted = admit(plan.policies, req, self.client_ip, plan.name)
             if admitted is None:
                 pool.give_back(conn, True)
+                upstream.express_decline(target, gen)
                 return False
             drop = admitted.drop
             extra = admitted.extra if extra is None else extra + admitted.extra
+        if gen > -1 and upstream.verdicts:
+            upstream.record_request()  # the retry budget's denominator (Exchange.forward)
         transport = conn.transport
         self.xtrace = None
         self.lane.served += 1
@@ -866,6 +887,7 @@ class ClientConnection:
         self.xup = conn
         self.xadmit = admitted
         self.xspan = span_ids
+        self.xgen = gen
         conn.xclient = self
         self.xstart = perf_counter()
         self.xsent = now
@@ -897,6 +919,16 @@ class ClientConnection:
         plan = self.xroute
         span_ids = self.xspan
         assert up is not None and target is not None and plan is not None
+        if self.xgen > -1:
+            upstream = plan.upstream
+            if upstream.verdicts:
+                if status in upstream.retry_statuses:
+                    # A status the retry policy may retry: the general path decides
+                    # (report, budget, another attempt) exactly as for its own attempt.
+                    self.express_promote().on_upstream_data(data)
+                    return
+                # The attempt's verdict (Exchange.on_upstream_data: a 5xx is a failure).
+                upstream.report(target, self.xgen, status < 500, status=status)
         # Done before the write: the write may call pause_writing (a client that does
         # not read), which must find no express request left to promote.
         self.xreq = None
@@ -1074,6 +1106,13 @@ class ClientConnection:
         up.exchange = ex
         ex.cc = up.codec = gw.engine.client(head.method, None)
         ex.up_start = self.xstart
+        if self.xgen > -1:
+            # A resilient upstream: the attempt _attempt_resilient would have recorded,
+            # so the general path reports, abandons or retries it as its own.
+            ex.attempt = 1
+            ex.gen = self.xgen
+            ex.gen_target = target
+            ex.tried = [target]
         ex.last_up_activity = self.xsent
         loop = gw.loop
         ex._timer = loop.call_at(self.xdue, ex._check_timeout)

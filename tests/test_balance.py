@@ -130,3 +130,41 @@ async def test_consistent_hash_on_a_cookie(origins: list[int], engine_name: str)
         assert len(seen) == 1
     finally:
         await server.shutdown(drain_timeout=1)
+
+
+async def served_on(client: Client, path: str = "/x") -> int:
+    """One request on an open keep-alive connection; the port of the origin that answered."""
+    await client.send(get(path))
+    resp = await client.read_response()
+    assert resp.status == 200, resp
+    return int(resp.header("x-origin-port") or 0)
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    [
+        {},
+        {"health_check": {"path": "/x", "interval": "60s"}},
+        {"breaker": {}, "outlier": {}, "retry": {}},
+    ],
+    ids=["plain", "health-checked", "breaker-outlier-retry"],
+)
+async def test_round_robin_alternates_while_the_pool_warms(
+    origins: list[int], upstream: dict[str, Any]
+) -> None:
+    """The express lane picks a target, finds no idle connection to it (a cold pool) and
+    leaves the request to the general path, which picks again: the lane must take its
+    pick back. Else the two picks per request put every request on the same target of
+    two (the lane always choosing the cold one, the general path the warm one)."""
+    server = ProxyServer(balanced(origins[:2], "fast", **upstream))
+    await server.start()
+    client = await Client.open(server.port)
+    try:
+        ports = [await served_on(client) for _ in range(8)]
+    finally:
+        await client.close()
+        await server.shutdown(drain_timeout=1)
+    assert ports == [origins[0], origins[1]] * 4
+    lane = server.express_lane
+    # Requests 3 to 8 found a warm connection to their target: the lane served them.
+    assert (int(lane.served), int(lane.promoted)) == (6, 0)

@@ -285,3 +285,62 @@ def test_priority_groups_pass_keys_and_expose_balancers() -> None:
         pg.group_of("zzz")
     with pytest.raises(ValueError):
         PriorityGroups([["a"], []], LeastConnections, healthy=lambda t: True)
+
+
+# --- taking a pick back (the express lane's decline) -----------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    weights=st.lists(st.integers(1, 6), min_size=1, max_size=5),
+    steps=st.lists(st.sampled_from(["pick", "pick+unpick", "pick+unpick+unpick"]), max_size=60),
+)
+def test_unpick_leaves_round_robin_as_if_the_pick_never_happened(
+    weights: list[int], steps: list[str]
+) -> None:
+    """A pick taken back changes nothing: the picks that stay equal those of a twin that
+    never made the others; a second unpick, or one before any pick, does nothing."""
+    names = [f"t{i}" for i in range(len(weights))]
+    rr = SmoothRoundRobin(names, weights)
+    twin = SmoothRoundRobin(names, weights)
+    rr.unpick()
+    for step in steps:
+        if step == "pick":
+            assert rr.pick() == twin.pick()
+        else:
+            rr.pick()
+            for _ in range(step.count("unpick")):
+                rr.unpick()
+    assert [rr.pick() for _ in range(2 * sum(weights))] == [
+        twin.pick() for _ in range(2 * sum(weights))
+    ]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    weights=st.lists(st.integers(1, 4), min_size=2, max_size=4),
+    down=st.lists(st.booleans(), min_size=4, max_size=4),
+    undo=st.lists(st.booleans(), min_size=1, max_size=30),
+)
+def test_priority_groups_unpick_takes_back_the_active_groups_pick(
+    weights: list[int], down: list[bool], undo: list[bool]
+) -> None:
+    """``PriorityGroups.unpick`` reverts the pick of the group balancer its last
+    ``candidates`` asked (the first group, or a lower one when the first is down)."""
+    names = [f"t{i}" for i in range(len(weights))]
+    half = len(names) // 2
+    groups = [names[:half], names[half:]]
+    health = dict(zip(names, [not d for d in down], strict=False))
+
+    def make(ts: list[str]) -> SmoothRoundRobin[str]:
+        return SmoothRoundRobin(ts, [weights[names.index(t)] for t in ts])
+
+    pg = PriorityGroups(groups, make, lambda t: health[t], panic=True)
+    twin = PriorityGroups(groups, make, lambda t: health[t], panic=True)
+    for taken_back in undo:
+        if taken_back:
+            pg.candidates()
+            pg.unpick()
+        else:
+            assert pg.candidates() == twin.candidates()
+    assert [pg.candidates() for _ in range(6)] == [twin.candidates() for _ in range(6)]

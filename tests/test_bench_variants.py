@@ -17,6 +17,7 @@ import pytest
 
 from bench.load import memory, run, variants
 from fastedge.config import parse_config
+from fastedge.gateway import Upstream
 from fastedge.router import Route, Router
 from tests.test_bench_harness import run_harness
 
@@ -48,13 +49,15 @@ def test_chain_config_and_token(monkeypatch: pytest.MonkeyPatch) -> None:
     assert claims["sub"] == "bench-user" and claims["exp"] > claims["iat"]
 
 
-def test_health_config_checks_the_origin_and_routes_to_it() -> None:
-    """``fastedge-hc``: a valid config whose upstream has health checks (so it is
-    resilient: the general path), probing a path the origin answers."""
+async def test_health_config_checks_the_origin_and_routes_to_it() -> None:
+    """``fastedge-hc``: a valid config whose upstream has health checks and no other
+    resilience feature (resilient, yet express-eligible), probing a path the origin
+    answers."""
     cfg = parse_config(_toml(variants.health_config(8080, 9000)))
     upstream = cfg.upstreams["origin"]
     assert upstream.health_check is not None and upstream.health_check.path == "/small"
     assert upstream.resilient
+    assert Upstream(upstream).express
     assert [r.prefix for r in cfg.routes] == ["/"]
     assert run.PROXIES["fastedge-hc"].runs("small") and not run.PROXIES["fastedge-hc"].runs("64KiB")
 

@@ -20,7 +20,7 @@ class SmoothRoundRobin(Generic[T]):
     spread out, never five a's in a row (nginx ``ngx_http_upstream_round_robin.c``).
     """
 
-    __slots__ = ("_current", "_n", "_single", "_targets", "_total", "_weights")
+    __slots__ = ("_current", "_last", "_n", "_single", "_targets", "_total", "_weights")
 
     def __init__(self, targets: Sequence[T], weights: Sequence[int]) -> None:
         if not targets:
@@ -33,6 +33,7 @@ class SmoothRoundRobin(Generic[T]):
         self._total = sum(weights)
         self._n = len(targets)
         self._single = self._n == 1
+        self._last = -1  # the index the last pick() chose, until unpick()
 
     def pick(self) -> T:
         """The next target."""
@@ -47,7 +48,22 @@ class SmoothRoundRobin(Generic[T]):
             if score > best_score:
                 best, best_score = i, score
         current[best] -= self._total
+        self._last = best
         return self._targets[best]
+
+    def unpick(self) -> None:
+        """Take back the last :meth:`pick` (called before any other pick): the scores are
+        as if it never happened. The express lane uses it when it picked a target and
+        then left the request to the general path, which picks again. Without a pick to
+        take back (a single target, or already taken back), nothing changes."""
+        best = self._last
+        if best < 0:
+            return
+        self._last = -1
+        current = self._current
+        current[best] += self._total
+        for i in range(self._n):
+            current[i] -= self._weights[i]
 
     def candidates(self) -> list[T]:
         """The next target first, then the others in list order (failover order)."""

@@ -376,7 +376,7 @@ class PriorityGroups(Generic[T, B]):
     (and are ignored for a target of no group).
     """
 
-    __slots__ = ("_balancers", "_groups", "_owner", "healthy", "panic")
+    __slots__ = ("_balancers", "_groups", "_owner", "_picked", "healthy", "panic")
 
     def __init__(
         self,
@@ -398,6 +398,15 @@ class PriorityGroups(Generic[T, B]):
                 self._owner[t] = balancer
         self.healthy = healthy
         self.panic = panic
+        self._picked: Any = None  # the group balancer the last candidates() asked
+
+    def unpick(self) -> None:
+        """Take back the group balancer's choice made by the last :meth:`candidates`
+        (for a group balancer with ``unpick``, e.g. smooth round robin); see
+        :meth:`fastedge.upstream.balancer.SmoothRoundRobin.unpick`."""
+        picked, self._picked = self._picked, None
+        if picked is not None and hasattr(picked, "unpick"):
+            picked.unpick()
 
     @property
     def balancers(self) -> list[B]:
@@ -461,12 +470,15 @@ class PriorityGroups(Generic[T, B]):
         healthy = self.healthy
         active = self.active_group()
         if active is None:  # panic: ignore health rather than refuse everything
+            self._picked = None
             if not self.panic:
                 return []
+            self._picked = self._balancers[0]
             out: list[T] = list(self._balancers[0].candidates(*args, **kwargs))
             for group in self._groups[1:]:
                 out.extend(group)
             return out
+        self._picked = self._balancers[active]
         out = [t for t in self._balancers[active].candidates(*args, **kwargs) if healthy(t)]
         for group in self._groups[active + 1 :]:
             out.extend(t for t in group if healthy(t))

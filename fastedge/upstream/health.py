@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Container, Hashable, Sequence
+from collections.abc import Callable, Container, Hashable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 log = logging.getLogger("fastedge.health")
@@ -130,6 +130,11 @@ class HealthChecker(Generic[T]):
     def state(self, target: T) -> HealthState:
         """The target's counters (for the admin API and metrics)."""
         return self._states[target]
+
+    @property
+    def states(self) -> Mapping[T, HealthState]:
+        """Every target's counters, live (read-only use: the express lane's pick)."""
+        return self._states
 
     def on_change(self, callback: Callable[[T, bool], None]) -> None:
         """Call ``callback(target, healthy)`` whenever a target's health flips."""
