@@ -28,6 +28,10 @@ DATA_PATH = [
     "fastedge/http/headers.py",
     "fastedge/upstream/pool.py",
     "fastedge/upstream/balancer.py",
+    # A resilient upstream's per-request bookkeeping (the express lane calls it).
+    "fastedge/upstream/balancers.py",
+    "fastedge/upstream/breaker.py",
+    "fastedge/upstream/health.py",
     "fastedge/router.py",
     "fastedge/observe/metrics.py",
     # The edge cache's hit path (the express lane answers fresh hits through it).

@@ -14,7 +14,8 @@ tracing at 1% sampling: the ``fastedge-chain`` variant of ``bench/load/variants.
 and sends a bearer token. ``--sampled`` is the chain with every request sampled (the
 general path's cost for the 1% the chain records). ``--health`` gives the upstream active
 health checks (the ``fastedge-hc`` variant; the checks are not started, so the target
-stays healthy).
+stays healthy). ``--resilient`` adds a circuit breaker, outlier detection and retries to
+those (the ``fastedge-resilient`` variant).
 
 `callgrind_annotate --inclusive=yes` on the second output shows where they go.
 """
@@ -68,10 +69,14 @@ def cache_document() -> dict[str, Any]:
     return doc
 
 
-def health_document() -> dict[str, Any]:
-    """``fake_document`` whose upstream has active health checks (``--health``)."""
+def health_document(resilient: bool = False) -> dict[str, Any]:
+    """``fake_document`` whose upstream has active health checks (``--health``) and, with
+    ``resilient``, the default breaker, outlier detection and retries (``--resilient``)."""
     doc = fake_document()
-    doc["upstreams"]["o"]["health_check"] = {"path": "/small", "interval": "2s"}
+    upstream = doc["upstreams"]["o"]
+    upstream["health_check"] = {"path": "/small", "interval": "2s"}
+    if resilient:
+        upstream.update(breaker={}, outlier={}, retry={})
     return doc
 
 
@@ -82,6 +87,7 @@ async def drive(
     cache: bool = False,
     sampled: bool = False,
     health: bool = False,
+    resilient: bool = False,
 ) -> None:
     """Build a gateway with one idle pooled upstream connection and relay ``count``
     (``cache``: fill the cache once, then answer ``count`` hits from it)."""
@@ -102,7 +108,7 @@ async def drive(
     if chain:
         doc = chain_document(1.0 if sampled else None)
     else:
-        doc = health_document() if health else fake_document()
+        doc = health_document(resilient) if health or resilient else fake_document()
     _, client, upstream = fake_server(doc)
     for _ in range(count):
         client.data_received(request)
@@ -124,6 +130,7 @@ def main() -> None:
             cache="--cache" in flags,
             sampled="--sampled" in flags,
             health="--health" in flags,
+            resilient="--resilient" in flags,
         )
     )
 

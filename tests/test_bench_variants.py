@@ -62,6 +62,21 @@ async def test_health_config_checks_the_origin_and_routes_to_it() -> None:
     assert run.PROXIES["fastedge-hc"].runs("small") and not run.PROXIES["fastedge-hc"].runs("64KiB")
 
 
+async def test_resilient_config_adds_every_feature_of_one_tier() -> None:
+    """``fastedge-resilient``: health checks, a breaker, outlier detection and retries,
+    all defaults, on the express lane; the route is unchanged."""
+    cfg = parse_config(_toml(variants.resilient_config(8080, 9000)))
+    upstream = cfg.upstreams["origin"]
+    assert upstream.health_check is not None and upstream.health_check.path == "/small"
+    assert upstream.breaker is not None and upstream.outlier is not None
+    assert upstream.retry is not None and upstream.retry.statuses == (502, 503, 504)
+    live = Upstream(upstream)
+    assert live.express and live.verdicts and live.express_health is None
+    assert [r.prefix for r in cfg.routes] == ["/"]
+    assert run.PROXIES["fastedge-resilient"].runs("small")
+    assert not run.PROXIES["fastedge-resilient"].runs("64KiB")
+
+
 def test_memory_config_leaves_room_for_the_connections() -> None:
     config = parse_config(_toml(variants.memory_config(8080, 9000, 10_000)))
     assert config.server.max_connections > 10_000

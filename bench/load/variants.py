@@ -13,6 +13,10 @@ goals are about (a variant against its baseline, same round, median over rounds)
   ``/``), against ``fastedge`` with its one route.
 * ``fastedge-hc``: plain proxying to an upstream with active health checks (on the
   express lane: ``Upstream.express_pick``), against ``fastedge``.
+* ``fastedge-resilient``: the same with every resilience feature an upstream can have
+  on one tier: health checks, a circuit breaker, outlier detection and retries (the
+  lane's ``Upstream.express_attempt``, ``record_request`` and ``report``), against
+  ``fastedge``.
 * ``fastedge-chain``: the full policy chain: JWT auth (HS256, verified once and then
   served from the verification cache), a local sliding-window rate limit per user whose
   limit is never reached, tracing with 1% sampling into the in-process span store,
@@ -130,6 +134,21 @@ upstream = "origin"
     )
 
 
+def resilient_config(port: int, upstream_port: int) -> str:
+    """``health_config`` plus a circuit breaker, outlier detection and retries (the
+    defaults: Hystrix's breaker, Envoy's ejection and retry-on-gateway-error)."""
+    return health_config(port, upstream_port).replace(
+        "\n[[routes]]",
+        """
+[upstreams.origin.breaker]
+[upstreams.origin.outlier]
+[upstreams.origin.retry]
+
+[[routes]]""",
+        1,
+    )
+
+
 def memory_config(port: int, upstream_port: int, connections: int) -> str:
     """Plain proxying with room for ``connections`` idle clients (``max_connections``
     defaults to 10,000, which the probe connection would exceed)."""
@@ -185,6 +204,13 @@ def health_command(
     return run_file_command(workdir, health_config(port, upstream_port))
 
 
+def resilient_command(
+    workdir: Path, port: int, upstream_port: int, tools: dict[str, str]
+) -> list[str]:
+    """``fastedge-resilient``."""
+    return run_file_command(workdir, resilient_config(port, upstream_port))
+
+
 def chain_command(workdir: Path, port: int, upstream_port: int, tools: dict[str, str]) -> list[str]:
     """``fastedge-chain``; the JWT secret reaches the proxy through ``env``."""
     return [
@@ -221,6 +247,9 @@ COMPARISONS: tuple[Comparison, ...] = (
     ),
     # What active health checks cost: the lane's pick among healthy targets.
     Comparison("health-checked upstream vs plain", "fastedge-hc", "fastedge", "small"),
+    Comparison(
+        "breaker, outlier detection, retries vs plain", "fastedge-resilient", "fastedge", "small"
+    ),
     Comparison("--workers 2 vs --workers 1", "fastedge-w2", "fastedge", "small"),
     Comparison("--workers 2 vs --workers 1, 64 KiB", "fastedge-w2", "fastedge", "64KiB"),
 )
