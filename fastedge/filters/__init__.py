@@ -336,7 +336,8 @@ class FilterChain:
             except BaseException:
                 child.end_error("filter raised")
                 raise
-            if inspect.isawaitable(decision):
+            # None (pass on) is the common answer: no awaitable check for it.
+            if decision is not None and inspect.isawaitable(decision):
                 return self._finish_async(decision, ctx, i + 1, child)
             _end_filter_span(child, decision)
             if decision is not None:
