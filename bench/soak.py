@@ -97,6 +97,24 @@ prefix = "/api"
 upstream = "origin"
 strip_prefix = true
 
+# The same origin behind every resilience feature of one tier (health checks, a breaker,
+# outlier detection, retries): the express lane's resilience contract.
+[upstreams.guarded]
+targets = ["http://127.0.0.1:{origin_port}"]
+
+[upstreams.guarded.health_check]
+path = "/bytes/1"
+interval = "1s"
+
+[upstreams.guarded.breaker]
+[upstreams.guarded.outlier]
+[upstreams.guarded.retry]
+
+[[routes]]
+prefix = "/guarded"
+upstream = "guarded"
+strip_prefix = true
+
 # The full policy chain (issue 9): auth from its verification cache, a local per-user
 # limit that is never reached, tracing at 1% (kept in memory: spans are objects too).
 {chain_policies(memory_spans=200)}
@@ -220,8 +238,8 @@ async def one_operation(
 ) -> None:
     """One randomly chosen exchange (or pipelined pair); raises BadResponse on a mismatch."""
     kind = rng.choices(
-        ["small", "large", "post", "pipelined", "head", "prefix", "secure", "anonymous"],
-        weights=[30, 15, 20, 10, 10, 15, 20, 3],
+        ["small", "large", "post", "pipelined", "head", "prefix", "secure", "anonymous", "guarded"],
+        weights=[30, 15, 20, 10, 10, 15, 20, 3, 15],
     )[0]
     stats.kinds[kind] += 1
     if kind == "small":
@@ -233,6 +251,9 @@ async def one_operation(
     elif kind == "prefix":
         writer.write(get("/api/bytes/10"))  # strip_prefix → /bytes/10
         expect = [(200, 10)]
+    elif kind == "guarded":  # a resilient upstream (health checks, breaker, retries)
+        writer.write(get("/guarded/bytes/100"))
+        expect = [(200, 100)]
     elif kind == "secure":  # auth + limit + tracing: the express lane's policy chain
         writer.write(get("/secure/bytes/100", extra=f"Authorization: Bearer {TOKEN}\r\n"))
         expect = [(200, 100)]

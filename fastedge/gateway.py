@@ -137,6 +137,7 @@ class Upstream:
         "fallback",
         "fallback_response",
         "hash_key",
+        "host_field",
         "host_header",
         "keyed",
         "load_aware",
@@ -171,6 +172,8 @@ class Upstream:
         self.load_aware = cfg.balance != "round_robin"
         self.keyed = cfg.balance == "consistent_hash"  # candidates depend on a request key
         self.host_header = cfg.host_header.encode() if cfg.host_header else None
+        # The same as the field line the express lane appends (after the request id).
+        self.host_field = b"host: " + self.host_header + b"\r\n" if self.host_header else None
         self.response_timeout = cfg.pool.response_timeout
         self._ssl_ctx: ssl.SSLContext | None = None
         self._rng = random.Random()
@@ -341,8 +344,8 @@ class Upstream:
         self.express_tier = balancer.balancers[0] if checked_only else None
         # Plain enough for the express lane: a synchronous pick (the balancer's, or for a
         # resilient upstream express_pick() or express_attempt()), no in-flight counts,
-        # no request key, the client's Host forwarded (fastedge.proxy, _express).
-        self.express = not (self.load_aware or self.keyed) and self.host_header is None
+        # no request key (fastedge.proxy, _express).
+        self.express = not (self.load_aware or self.keyed)
 
     def _probe_host(self, target: Target) -> str:
         hc = self.config.health_check
@@ -512,6 +515,9 @@ class Upstream:
             generation = self.admit(candidate)
             if generation is not None:
                 return candidate, generation
+        # Every breaker refused (half-open probes all taken): the general path asks
+        # candidates() again, so the round robin's pick is taken back.
+        self.balancer.unpick()
         return None
 
     def express_decline(self, target: Target, generation: int) -> None:

@@ -96,6 +96,9 @@ _PAUSE_PENDING = 4  # body buffered while connecting
 _TRACE_FIELDS = frozenset({b"traceparent", b"tracestate"})
 
 # The express lane's methods as metrics and logs spell them.
+# The client's Host, dropped on the lane for an upstream with its own host_header.
+_HOST_ONLY = (b"host",)
+
 _METHOD_NAMES = {b"GET": "GET", b"HEAD": "HEAD"}
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -872,6 +875,12 @@ class ClientConnection:
                 return False
             drop = admitted.drop
             extra = admitted.extra if extra is None else extra + admitted.extra
+        host_field = upstream.host_field
+        if host_field is not None:
+            # The upstream's own Host (Exchange.start): the client's is dropped and ours
+            # follows the request id, before the trace context and the filters' fields.
+            drop = _HOST_ONLY if drop is None else drop + _HOST_ONLY
+            extra = host_field if extra is None else host_field + extra
         if gen > -1 and upstream.verdicts:
             upstream.record_request()  # the retry budget's denominator (Exchange.forward)
         transport = conn.transport
@@ -1082,6 +1091,9 @@ class ClientConnection:
         )
         # The id the upstream was sent is the express one (the last field appended).
         headers[-1] = (b"x-request-id", req.request_id)
+        if upstream.host_header is not None:  # as Exchange.start: ours replaces the client's
+            headers = [(n, v) for n, v in headers if n != b"host"]
+            headers.append((b"host", upstream.host_header))
         if span_ids is not None:
             # The unsampled span whose context the upstream was sent (Exchange.start).
             ex.span = span = Span(

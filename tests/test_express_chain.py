@@ -110,9 +110,11 @@ def chain_document(
     rate: dict[str, Any] | None = PER_USER,
     sample_ratio: float | None = 0.0,
     access_log: Path | None = None,
+    upstream: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``/warm``: auth only (the warm-up); everything else: auth, then the ``per_user``
-    rate limit (``rate``), with ``[tracing]`` at ``sample_ratio`` (None: no tracing)."""
+    rate limit (``rate``), with ``[tracing]`` at ``sample_ratio`` (None: no tracing);
+    ``upstream``: more keys of the upstream."""
     chain: dict[str, Any] = {"prefix": "/", "upstream": "origin", "auth": "jwt", "name": "chain"}
     if rate is not None:
         chain["rate_limit"] = "per_user"
@@ -124,7 +126,7 @@ def chain_document(
             "express": express,
         },
         "admin": {"enabled": False},
-        "upstreams": {"origin": {"targets": [f"http://127.0.0.1:{port}"]}},
+        "upstreams": {"origin": {"targets": [f"http://127.0.0.1:{port}"], **(upstream or {})}},
         "auth": {
             "jwt": {
                 "algorithms": ["HS256"],
@@ -674,6 +676,36 @@ async def test_promotion_keeps_the_policies_and_the_trace(
         for _, head in run.heads:
             assert logged[rid_of(head)] == traceparent_of(head)[0]
     assert counter(express, "fastedge_ratelimit_total", result="allowed") == len(steps)
+
+
+async def test_policies_with_an_upstream_host_header(
+    make_proxy: MakeProxy, new_origin: NewOrigin, tmp_path: Path
+) -> None:
+    """An upstream with its own ``host_header`` behind auth + limit + tracing: the lane
+    drops the client's Host along with the policy's fields and writes the upstream's
+    after the request id, before the trace context and the claim fields; promoted and
+    retried requests resend exactly that."""
+    auth = bearer(ALICE)
+    steps: list[Step] = [
+        (request("/plain", "h-1", auth), b"GET"),
+        (request("/split/b", "h-2", auth), b"GET"),
+        (request("/stale", "h-3", auth), b"GET"),
+        (request("/after", "h-4", auth), b"GET"),
+    ]
+    express, _ = await both(
+        make_proxy, new_origin, steps, log_dir=tmp_path, upstream={"host_header": "api.internal"}
+    )
+    assert [r.status for r in express.responses] == [200] * len(steps)
+    assert (express.served, express.promoted) == (len(steps), 2)
+    heads = [h for _, h in express.heads]
+    for head in heads:
+        assert head.count(b"\r\nhost: ") == 1
+        assert norm(head).endswith(
+            b"\r\nx-request-id: " + rid_of(head).encode() + b"\r\nhost: api.internal\r\n"
+            b"traceparent: 00-<trace>-<span>-00\r\nx-user-id: alice\r\n\r\n"
+        )
+    (c0, stale), (c1, retried) = express.heads[2:4]
+    assert (c0, c1) == (0, 1) and stale == retried
 
 
 # --- 8. custom claim fields, Authorization kept ----------------------------------------

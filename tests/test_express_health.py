@@ -207,8 +207,9 @@ TWO_TIERS = [{"url": URLS[0], "priority": 0}, {"url": URLS[1], "priority": 1}]
         ({**HC, "fallback_response": {"status": 200, "body": "[]"}}, True, False),
         ({**HC, "targets": TWO_TIERS}, True, False),
         ({"targets": TWO_TIERS}, True, False),  # tiers alone make it resilient
+        # The upstream's own Host is written by the lane too (session 16).
+        ({**HC, "host_header": "backend.internal"}, True, True),
         # Not on the lane at all (whatever express_health says, the lane never reads it).
-        ({**HC, "host_header": "backend.internal"}, False, None),
         ({**HC, "balance": "least_conn"}, False, None),
         ({**HC, "balance": "p2c_ewma"}, False, None),
         ({**HC, "balance": "consistent_hash", "hash_key": "header:x-k"}, False, None),
