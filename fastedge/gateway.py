@@ -329,6 +329,7 @@ class Upstream:
         # failover, which the lane never needs: it only uses idle pooled connections).
         checked_only = (
             checker is not None
+            and cfg.balance == "round_robin"  # express_pick's failover is list order
             and cfg.outlier is None
             and cfg.breaker is None
             and cfg.retry is None
@@ -343,9 +344,9 @@ class Upstream:
         self.express_health = checker.states if checked_only and checker is not None else None
         self.express_tier = balancer.balancers[0] if checked_only else None
         # Plain enough for the express lane: a synchronous pick (the balancer's, or for a
-        # resilient upstream express_pick() or express_attempt()), no in-flight counts,
-        # no request key (fastedge.proxy, _express).
-        self.express = not (self.load_aware or self.keyed)
+        # resilient upstream express_pick() or express_attempt()), with a request key
+        # the lane has at hand (fastedge.proxy, _express): not a header, cookie or claim.
+        self.express = not self.keyed or self.hash_key in ("ip", "path")
 
     def _probe_host(self, target: Target) -> str:
         hc = self.config.health_check
@@ -505,13 +506,14 @@ class Upstream:
                 return t
         return None  # unreachable: one target was healthy above
 
-    def express_attempt(self) -> tuple[Target, int] | None:
+    def express_attempt(self, key: bytes | None = None) -> tuple[Target, int] | None:
         """The express lane's first attempt on a resilient upstream: the first of
         :meth:`candidates` that :meth:`admit` lets through and its generation, exactly as
-        the proxy's first resilient attempt chooses; ``None`` when none is (the general
-        path then answers: a fallback, a static answer or 503). The caller reports the
-        attempt's outcome, or abandons it when it does not send the request."""
-        for candidate in self.candidates(None):
+        the proxy's first resilient attempt chooses (``key``: the consistent-hash key
+        when ``keyed``); ``None`` when none is (the general path then answers: a
+        fallback, a static answer or 503). The caller reports the attempt's outcome, or
+        abandons it when it does not send the request."""
+        for candidate in self.candidates(key):
             generation = self.admit(candidate)
             if generation is not None:
                 return candidate, generation

@@ -846,8 +846,14 @@ class ClientConnection:
         # The attempt's breaker generation on a resilient upstream (-1: not resilient),
         # what Exchange._attempt_resilient records for its first attempt.
         gen = -1
+        key = None
+        if upstream.keyed:  # consistent hashing on the client's address or the path
+            key = self.client_ip if upstream.hash_key == "ip" else req.target.partition(b"?")[0]
         if not upstream.resilient:
-            target = upstream.balancer.pick()
+            if key is None:
+                target = upstream.balancer.pick()
+            else:  # Exchange.forward: the key's target, with bounded load
+                target = upstream.balancer.candidates(key)[0]
         elif upstream.express_health is not None:
             # Health checks only: the pick among healthy targets (candidates()[0]).
             target = upstream.express_pick()
@@ -855,7 +861,7 @@ class ClientConnection:
                 return False  # none healthy: the general path answers
             gen = 0
         else:
-            attempt = upstream.express_attempt()
+            attempt = upstream.express_attempt(key)
             if attempt is None:
                 return False  # nothing available: a fallback, a static answer or a 503
             target, gen = attempt
@@ -883,6 +889,8 @@ class ClientConnection:
             extra = host_field if extra is None else host_field + extra
         if gen > -1 and upstream.verdicts:
             upstream.record_request()  # the retry budget's denominator (Exchange.forward)
+        if upstream.load_aware:  # in flight from now (Exchange.attach)
+            upstream.balancer.acquire(target)
         transport = conn.transport
         self.xtrace = None
         self.lane.served += 1
@@ -954,6 +962,12 @@ class ClientConnection:
         pool = target.pool
         pool.give_back(up, reusable)
         elapsed = perf_counter() - self.xstart
+        upstream = plan.upstream
+        if upstream.load_aware:  # the exchange's end (Exchange._release_load)
+            balancer = upstream.balancer
+            balancer.release(target)
+            if upstream.balance == "p2c_ewma":
+                balancer.observe(target, elapsed)
         plan.stats.observe("GET" if len(req.method) == 3 else "HEAD", status, elapsed, elapsed)
         if lane.access_log:
             self._express_log(
@@ -1118,6 +1132,8 @@ class ClientConnection:
         up.exchange = ex
         ex.cc = up.codec = gw.engine.client(head.method, None)
         ex.up_start = self.xstart
+        if upstream.load_aware:
+            ex.load_target = target  # counted in flight since the lane sent the request
         if self.xgen > -1:
             # A resilient upstream: the attempt _attempt_resilient would have recorded,
             # so the general path reports, abandons or retries it as its own.

@@ -146,8 +146,11 @@ async def served_on(client: Client, path: str = "/x") -> int:
         {},
         {"health_check": {"path": "/x", "interval": "60s"}},
         {"breaker": {}, "outlier": {}, "retry": {}},
+        # Idle least_conn breaks its ties by smooth round robin: the same alternation.
+        {"balance": "least_conn"},
+        {"balance": "least_conn", "health_check": {"path": "/x", "interval": "60s"}},
     ],
-    ids=["plain", "health-checked", "breaker-outlier-retry"],
+    ids=["plain", "health-checked", "breaker-outlier-retry", "least_conn", "least_conn-checked"],
 )
 async def test_round_robin_alternates_while_the_pool_warms(
     origins: list[int], upstream: dict[str, Any]
@@ -165,6 +168,7 @@ async def test_round_robin_alternates_while_the_pool_warms(
         await client.close()
         await server.shutdown(drain_timeout=1)
     assert ports == [origins[0], origins[1]] * 4
+    assert "balance" not in upstream or inflight(server) == [0, 0]  # released, once
     lane = server.express_lane
     # Requests 3 to 8 found a warm connection to their target: the lane served them.
     assert (int(lane.served), int(lane.promoted)) == (6, 0)

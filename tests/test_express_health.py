@@ -209,10 +209,15 @@ TWO_TIERS = [{"url": URLS[0], "priority": 0}, {"url": URLS[1], "priority": 1}]
         ({"targets": TWO_TIERS}, True, False),  # tiers alone make it resilient
         # The upstream's own Host is written by the lane too (session 16).
         ({**HC, "host_header": "backend.internal"}, True, True),
-        # Not on the lane at all (whatever express_health says, the lane never reads it).
-        ({**HC, "balance": "least_conn"}, False, None),
-        ({**HC, "balance": "p2c_ewma"}, False, None),
+        # Other balancers: on the lane through express_attempt (express_pick's failover
+        # is round robin's list order), with a consistent-hash key the lane has at hand.
+        ({**HC, "balance": "least_conn"}, True, False),
+        ({**HC, "balance": "p2c_ewma"}, True, False),
+        ({**HC, "balance": "consistent_hash"}, True, False),  # hash_key "ip"
+        ({**HC, "balance": "consistent_hash", "hash_key": "path"}, True, False),
+        # Not on the lane at all: a header, cookie or claim key needs the general path.
         ({**HC, "balance": "consistent_hash", "hash_key": "header:x-k"}, False, None),
+        ({"balance": "consistent_hash", "hash_key": "cookie:sid"}, False, None),
     ],
     ids=[
         "plain",
@@ -227,7 +232,10 @@ TWO_TIERS = [{"url": URLS[0], "priority": 0}, {"url": URLS[1], "priority": 1}]
         "host_header",
         "least_conn",
         "p2c_ewma",
-        "consistent_hash",
+        "consistent_hash_ip",
+        "consistent_hash_path",
+        "consistent_hash_header",
+        "consistent_hash_cookie",
     ],
 )
 async def test_eligibility(extra: dict[str, Any], express: bool, checked: bool | None) -> None:

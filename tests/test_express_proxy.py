@@ -956,7 +956,7 @@ async def test_large_responses_to_a_client_that_does_not_read(
 # --- 4. eligibility ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["rate_limit", "tracing", "h11", "express_off", "least_conn"])
+@pytest.mark.parametrize("variant", ["rate_limit", "tracing", "h11", "express_off", "hash_header"])
 async def test_not_eligible_stays_on_the_general_path(
     make_proxy: MakeProxy, new_origin: Callable[[], Awaitable[ScriptedOrigin]], variant: str
 ) -> None:
@@ -982,8 +982,8 @@ async def test_not_eligible_stays_on_the_general_path(
         doc["server"]["http"] = "h11"
     elif variant == "express_off":
         doc["server"]["express"] = False
-    elif variant == "least_conn":
-        doc["upstreams"]["origin"]["balance"] = "least_conn"
+    elif variant == "hash_header":  # a consistent-hash key in a header: the general path
+        doc["upstreams"]["origin"].update(balance="consistent_hash", hash_key="header:x-k")
     proxy = await make_proxy(doc)
     client = await Client.open(proxy.port)
     try:

@@ -52,7 +52,7 @@ class LeastConnections(Generic[T]):
     does, so with no concurrency the traffic split equals the weights.
     """
 
-    __slots__ = ("_current", "_index", "_inflight", "_n", "_targets", "_weights")
+    __slots__ = ("_current", "_index", "_inflight", "_last", "_n", "_targets", "_weights")
 
     def __init__(self, targets: Sequence[T], weights: Sequence[int] | None = None) -> None:
         self._weights = _check_weights(targets, weights)
@@ -61,6 +61,9 @@ class LeastConnections(Generic[T]):
         self._index = {t: i for i, t in enumerate(self._targets)}
         self._inflight = [0] * self._n
         self._current = [0] * self._n  # smooth-WRR scores for tie breaking
+        # The last pick's tie break (tied indexes, winner, their total weight), until
+        # unpick(); None when it changed no score.
+        self._last: tuple[list[int], int, int] | None = None
 
     def pick(self) -> T:
         """The target to use next (changes only the tie-breaking scores)."""
@@ -75,6 +78,7 @@ class LeastConnections(Generic[T]):
             elif c * best_w == best_c * w:
                 tied.append(i)
         if len(tied) == 1:
+            self._last = None
             return self._targets[tied[0]]
         current = self._current
         total = 0
@@ -87,7 +91,20 @@ class LeastConnections(Generic[T]):
             if score > best_score:
                 best, best_score = i, score
         current[best] -= total
+        self._last = (tied, best, total)
         return self._targets[best]
+
+    def unpick(self) -> None:
+        """Take back the last :meth:`pick`'s tie-breaking scores (called before any
+        other pick; see :meth:`fastedge.upstream.balancer.SmoothRoundRobin.unpick`)."""
+        last, self._last = self._last, None
+        if last is None:
+            return
+        tied, best, total = last
+        current, weights = self._current, self._weights
+        current[best] += total
+        for i in tied:
+            current[i] -= weights[i]
 
     def candidates(self) -> list[T]:
         """The pick first, then the other targets from least to most loaded."""
@@ -195,6 +212,10 @@ class PowerOfTwoEWMA(Generic[T]):
         if b >= a:  # distinct without rejection sampling
             b += 1
         return self._targets[a if self._cost(a, now) <= self._cost(b, now) else b]
+
+    def unpick(self) -> None:
+        """Nothing to take back: a pick changes no state but the random generator's,
+        whose extra draws leave the choices' distribution unchanged."""
 
     def candidates(self, now: float | None = None) -> list[T]:
         """The pick first, then the others by ascending cost."""
@@ -317,6 +338,9 @@ class ConsistentHash(Generic[T]):
                 order.insert(0, first)
         by_name = self._by_name
         return [by_name[n] for n in order]
+
+    def unpick(self) -> None:
+        """Nothing to take back: :meth:`candidates` changes no state."""
 
     def get(self, key: str | bytes) -> T:
         """The key's owner on the ring, ignoring load."""
