@@ -782,7 +782,8 @@ class ClientConnection:
     # The commonest exchange, served without the codecs, the Exchange object or the
     # header lists: a GET/HEAD head that arrives whole on an idle connection, for a
     # route without filters on a plain upstream with an idle pooled connection, answered
-    # by a response with a Content-Length body that arrives whole. fastedge._core.express
+    # by a response with a Content-Length or chunked body that arrives whole (a chunked
+    # one re-framed as the general path frames it). fastedge._core.express
     # scans and rewrites both in C, byte for byte what the general path would send
     # (tests/core/test_express.py, tests/test_express_proxy.py). Anything else, at any
     # point, goes to the general path: before the request is sent the bytes are simply

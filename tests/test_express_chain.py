@@ -646,8 +646,9 @@ async def test_caller_trace_context_takes_the_general_path(
 async def test_promotion_keeps_the_policies_and_the_trace(
     make_proxy: MakeProxy, new_origin: NewOrigin, tmp_path: Path
 ) -> None:
-    """Chunked, split and stale (closed without an answer, so retried) responses on the
-    auth + limit + tracing route: the general path takes over after the lane sent the
+    """Split, HEAD-chunked and stale (closed without an answer, so retried) responses on
+    the auth + limit + tracing route (a whole chunked body stays on the lane, re-framed):
+    the general path takes over after the lane sent the
     request; the client gets the same bytes, the retry resends exactly what the lane had
     sent (its policy edits and traceparent included), and each access-log line carries
     the trace id the upstream was sent."""
@@ -664,7 +665,7 @@ async def test_promotion_keeps_the_policies_and_the_trace(
     assert [r.status for r in express.responses] == [200] * len(steps)
     assert express.responses[0].body == b"fixed body"
     assert express.responses[1].body == b"fixed body for /split/b\n"
-    assert (express.served, express.promoted) == (len(steps), 4)
+    assert (express.served, express.promoted) == (len(steps), 3)
     rids = [rid_of(h) for _, h in express.heads]
     assert rids == ["p-1", "p-2", "p-3", "p-4", "p-5", "p-5", "p-6"]
     (c0, stale), (c1, retried) = express.heads[4:6]

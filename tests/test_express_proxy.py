@@ -64,7 +64,9 @@ class ScriptedOrigin:
     * ``split``: the head, then the body 100 ms later (two writes);
     * ``slow``: the whole response 100 ms after the request; ``held``: the whole
       response when the test calls :meth:`release`;
-    * ``chunked``: a chunked body; ``eof``: no Content-Length, the body ends at close;
+    * ``chunked``: a chunked body in one write (on the lane since session 16);
+      ``chunkedsplit``: the head and the first chunk, the rest 100 ms later; ``eof``:
+      no Content-Length, the body ends at close;
     * ``interim``: ``100`` and ``103`` in one write, the final response 100 ms later;
     * ``never``: no answer; ``drop``: closes the connection after reading the request;
     * ``stale``: closes the connection when it is not its first request (a pooled
@@ -139,6 +141,12 @@ class ScriptedOrigin:
         elif kind == b"chunked":
             chunked = b"6\r\nfixed \r\n4\r\nbody\r\n0\r\n\r\n"
             t.write(_response(b"200 OK", [b"Transfer-Encoding: chunked"], chunked, is_head))
+        elif kind == b"chunkedsplit":
+            t.write(
+                _response(b"200 OK", [b"Transfer-Encoding: chunked"], b"6\r\nfixed \r\n", is_head)
+            )
+            if not is_head:
+                self.later(0.1, conn, b"4\r\nbody\r\n0\r\n\r\n")
         elif kind == b"eof":
             t.write(_response(b"200 OK", [b"Content-Type: text/plain"], body, is_head))
             t.close()
@@ -626,7 +634,8 @@ async def test_parity_for_requests_the_lane_refuses(
         ("/split", b"GET", "", 200, b"fixed body for /split\n", 2),
         ("/split", b"GET", "Connection: close\r\n", 200, b"fixed body for /split\n", 2),
         ("/slow", b"HEAD", "", 200, b"", 2),
-        ("/chunked", b"GET", "", 200, b"fixed body", 2),
+        ("/chunked", b"GET", "", 200, b"fixed body", 2),  # whole: served on the lane
+        ("/chunkedsplit", b"GET", "", 200, b"fixed body", 2),
         ("/chunked", b"HEAD", "", 200, b"", 2),
         ("/eof", b"GET", "", 200, b"fixed body for /eof\n", 1),
         ("/interim", b"GET", "", 200, b"fixed body for /interim\n", 2),
@@ -664,7 +673,8 @@ async def test_promoted_responses_match_the_general_path(
     assert (after.status, after.body) == (200, b"fixed body for /next\n")
     # The request went out on the express lane, and the general path finished it (if
     # the upstream connection survived, the next request took the lane again).
-    promoted = 0 if target == "/slow" else 1  # /slow: whole, just late
+    # /slow: whole, just late; /chunked: a whole chunked body, re-framed by the lane.
+    promoted = 0 if target == "/slow" or (target, method) == ("/chunked", b"GET") else 1
     assert (express.served, express.promoted) == (served, promoted)
     if target == "/stale":
         # The pooled connection closed without answering: one retry on a fresh one,

@@ -51,12 +51,19 @@ Accepted responses (:func:`scan_response`; anything else gives ``None``):
 * Status line ``HTTP/1.1 <3 digits, 200-599> <reason>``: a non-empty reason of visible
   bytes, SP and HTAB, not ending in SP/HTAB. It is copied verbatim.
 * At most 100 field lines, the head (blank line included) at most 64 KiB.
-* ``transfer-encoding``, ``upgrade``: refused. ``content-length``: at most one, 1-18 ASCII
-  digits, kept in place. ``connection``: as for requests (``close`` makes the upstream
-  connection not reusable); ``proxy-connection``: as for requests.
+* ``upgrade``: refused. ``content-length``: at most one, 1-18 ASCII digits, kept in
+  place. ``transfer-encoding``: at most one, exactly ``chunked`` (any case, no whitespace
+  after it: llhttp reads ``chunked`` + HTAB as another coding), never with
+  ``content-length``, a HEAD request or a 204/304 status. ``connection``: as for requests
+  (``close`` makes the upstream connection not reusable); ``proxy-connection``: as for
+  requests.
 * Body: none for a HEAD request or a 204/304 status (``data`` ends with the head);
   otherwise ``content-length`` is required and ``data`` is exactly the head plus that many
-  bytes.
+  bytes, or ``data`` is the head plus a whole chunked body (:func:`_chunks`: sizes of 1-8
+  hex digits without extensions, the last chunk exactly ``0``, no trailer fields, nothing
+  after it). A chunked body is re-framed as the general path writes it: one chunk per
+  upstream chunk (llhttp reports each chunk's data as one piece), sizes in lower-case hex
+  without leading zeros, ``transfer-encoding: chunked`` after the other fields.
 * Dropped: ``connection``, ``keep-alive``, ``proxy-connection``, ``te``, ``trailer``,
   ``expect``, ``via`` and every ``x-request-id`` after the first; the rest is kept in
   order, then ``via``, ``x-request-id`` (when the upstream sent none) and
@@ -434,11 +441,12 @@ def scan_response(
 
     kept: list[bytes] = [lines[0], _CRLF]
     content_length: int | None = None
+    chunked = False
     via_in: bytes | None = None
     has_request_id = False
     upstream_close = False
     close_named = False
-    for name, value in fields:
+    for line, (name, value) in zip(lines[1:], fields, strict=True):
         if name == b"content-length":
             if content_length is not None or not 0 < len(value) <= 18 or not value.isdigit():
                 return None
@@ -462,6 +470,13 @@ def scan_response(
             if has_request_id:
                 continue  # one id per message: the upstream's first
             has_request_id = True
+        elif name == b"transfer-encoding":
+            # Whitespace after the value is refused: llhttp reads "chunked" + HTAB as
+            # another coding (a body until close), unlike the codec's trimmed value.
+            if chunked or value.lower() != b"chunked" or line[-1:] in b" \t":
+                return None
+            chunked = True
+            continue  # the body is re-framed; the field is written after the others
         elif name in _RESPONSE_REFUSED:
             return None
         elif name in _RESPONSE_DROPPED:
@@ -472,20 +487,62 @@ def scan_response(
     if upstream_close and close_named:
         return None
 
-    if head_request or status == 204 or status == 304:
+    chunks: list[bytes] | None = None
+    if chunked:
+        if content_length is not None or head_request or status == 204 or status == 304:
+            return None  # framings the general path sorts out (llhttp refuses the first)
+        chunks = _chunks(data, head_end)
+        if chunks is None:
+            return None
+        body_length = sum(len(chunk) for chunk in chunks)
+    elif head_request or status == 204 or status == 304:
         body_length = 0
     elif content_length is None:
-        return None  # read until close or chunked: the general path streams it
+        return None  # read until close: the general path streams it
     else:
         body_length = content_length
-    if len(data) - head_end != body_length:
+    if chunks is None and len(data) - head_end != body_length:
         return None
 
     kept.append(_line(b"via", via if via_in is None else via_in + b", " + via))
     if not has_request_id:
         kept.append(_line(b"x-request-id", request_id))
+    if chunks is not None:
+        kept.append(b"transfer-encoding: chunked\r\n")
     if close:
         kept.append(b"connection: close\r\n")
     kept.append(_CRLF)
-    kept.append(data[head_end:])
+    if chunks is None:
+        kept.append(data[head_end:])
+    else:
+        kept.extend(b"%x\r\n%b\r\n" % (len(chunk), chunk) for chunk in chunks)
+        kept.append(b"0\r\n\r\n")
     return status, not upstream_close, body_length, b"".join(kept)
+
+
+_HEX_DIGITS: Final = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _chunks(data: bytes, pos: int) -> list[bytes] | None:
+    """The data of each chunk of the whole chunked body ``data[pos:]``, or ``None``.
+
+    Plain syntax only (RFC 9112 §7.1): each chunk is ``1*8HEXDIG CRLF data CRLF`` with a
+    size above 0 (no extensions, no whitespace), then the last chunk is exactly ``0
+    CRLF`` followed by the blank line that ends the message (no trailer fields) and
+    nothing after it. A body cut short (the rest in a later read) is ``None`` too: the
+    general path then takes the bytes."""
+    out: list[bytes] = []
+    end = len(data)
+    while True:
+        eol = data.find(_CRLF, pos, pos + 10)
+        digits = data[pos:eol]
+        if eol <= pos or not all(c in _HEX_DIGITS for c in digits):
+            return None
+        size = int(digits, 16)
+        pos = eol + 2
+        if size == 0:  # the last chunk: exactly "0", the blank line, the message's end
+            return out if digits == b"0" and data[pos:] == _CRLF else None
+        if pos + size + 2 > end or data[pos + size : pos + size + 2] != _CRLF:
+            return None
+        out.append(data[pos : pos + size])
+        pos += size + 2
