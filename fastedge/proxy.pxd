@@ -5,7 +5,7 @@
 
 cimport cython
 
-from fastedge._core.express cimport ExpressRequest, scan_request, scan_response
+from fastedge._core.express cimport ExpressRequest, scan_request, scan_response_start
 from fastedge.filters.express cimport ExpressContext, admit
 from fastedge.observe.metrics cimport Metrics, RouteStats
 from fastedge.upstream.pool cimport ConnectionPool, PooledBase
@@ -78,6 +78,9 @@ cdef class ClientConnection:
     cdef public UpstreamConnection xup
     cdef public double xstart, xsent, xdue
     cdef public long long xgen
+    cdef public Py_ssize_t xleft, xbody
+    cdef public int xstatus
+    cdef public bint xreuse, xclose
     cdef public ExpressContext xadmit
     cdef public object xspan, xtrace
     @cython.locals(lane=ExpressSettings)
@@ -88,8 +91,12 @@ cdef class ClientConnection:
     cpdef rearm(self)
     @cython.locals(req=ExpressRequest, lane=ExpressSettings, span_ids=tuple, extra=bytes, plan=ExpressRoute, pool=ConnectionPool, admitted=ExpressContext)
     cpdef bint _express(self, bytes data, double now)
-    @cython.locals(req=ExpressRequest, lane=ExpressSettings, plan=ExpressRoute, pool=ConnectionPool)
+    @cython.locals(req=ExpressRequest, lane=ExpressSettings, plan=ExpressRoute)
     cpdef express_response(self, bytes data)
+    @cython.locals(req=ExpressRequest, lane=ExpressSettings, plan=ExpressRoute)
+    cpdef _express_more(self, bytes data)
+    @cython.locals(pool=ConnectionPool)
+    cpdef _express_end(self, ExpressRequest req, ExpressSettings lane, ExpressRoute plan, UpstreamConnection up, object target, int status, bint reusable, Py_ssize_t body_length, bytes out, bint close)
     @cython.locals(req=ExpressRequest, plan=ExpressRoute)
     cpdef Exchange express_promote(self)
     cpdef _express_idle(self, ExpressSettings lane)

@@ -63,16 +63,16 @@ from fastedge.upstream.pool import PooledBase
 if TYPE_CHECKING:
     # Aliased: the compiled build cimports the class under its own name (proxy.pxd).
     from fastedge._core import ExpressRequest as _ExpressRequest
-    from fastedge._core import new_root_trace, scan_request, scan_response
+    from fastedge._core import new_root_trace, scan_request, scan_response_start
 else:
     # Not through the fastedge._core selector: a compiled proxy (a .so is imported
     # whatever FASTEDGE_NO_EXTENSIONS says) is typed against the compiled scanners'
     # ExpressRequest (proxy.pxd), so it must use them; only a pure-Python build, which
     # has no compiled scanners, takes the twin.
     try:
-        from fastedge._core.express import new_root_trace, scan_request, scan_response
+        from fastedge._core.express import new_root_trace, scan_request, scan_response_start
     except ImportError:
-        from fastedge._core.express_py import new_root_trace, scan_request, scan_response
+        from fastedge._core.express_py import new_root_trace, scan_request, scan_response_start
 
 if TYPE_CHECKING:
     from fastedge.gateway import Gateway, Target, Upstream
@@ -413,14 +413,19 @@ class ClientConnection:
         "transport",
         "write_paused",
         "xadmit",
+        "xbody",
+        "xclose",
         "xdue",
         "xgen",
+        "xleft",
         "xreq",
+        "xreuse",
         "xroute",
         "xsent",
         "xset",
         "xspan",
         "xstart",
+        "xstatus",
         "xtarget",
         "xtrace",
         "xup",
@@ -464,6 +469,13 @@ class ClientConnection:
         self.xsent = 0.0
         self.xdue = 0.0
         self.xgen = -1  # the breaker generation of a resilient upstream's attempt
+        # A Content-Length body being relayed (_express_more): the bytes still to come,
+        # and what its head said (status, upstream reusable, body length, client close).
+        self.xleft = 0
+        self.xstatus = 0
+        self.xreuse = False
+        self.xbody = 0
+        self.xclose = False
         # What its policy filters decided (fastedge.filters.ExpressContext), and its
         # unsampled span's (trace id, span id), when the route and config have them.
         self.xadmit: ExpressContext | None = None
@@ -781,14 +793,16 @@ class ClientConnection:
     # --- the express lane -----------------------------------------------------------
     # The commonest exchange, served without the codecs, the Exchange object or the
     # header lists: a GET/HEAD head that arrives whole on an idle connection, for a
-    # route without filters on a plain upstream with an idle pooled connection, answered
-    # by a response with a Content-Length or chunked body that arrives whole (a chunked
-    # one re-framed as the general path frames it). fastedge._core.express
-    # scans and rewrites both in C, byte for byte what the general path would send
-    # (tests/core/test_express.py, tests/test_express_proxy.py). Anything else, at any
-    # point, goes to the general path: before the request is sent the bytes are simply
-    # parsed by the codec instead; after, express_promote() builds the Exchange the
-    # general path would have built and hands it whatever happened.
+    # route without filters (or only policy filters) with an idle pooled connection,
+    # answered by a response whose head arrives whole: a Content-Length body relayed as
+    # it comes (_express_more), or a whole chunked body re-framed as the general path
+    # frames it. fastedge._core.express scans and rewrites both in C, byte for byte what
+    # the general path would send (tests/core/test_express.py,
+    # tests/test_express_proxy.py). Anything else, at any point, goes to the general
+    # path: before the request is sent the bytes are simply parsed by the codec instead;
+    # after, express_promote() builds the Exchange the general path would have built at
+    # that point (request sent, or response head and some of the body written) and
+    # hands it whatever happened.
     def _express(self, data: bytes, now: float) -> bool:
         """Serve ``data``, read at loop time ``now``, on the express lane; False: it is not
         for the express lane."""
@@ -917,6 +931,9 @@ class ClientConnection:
 
     def express_response(self, data: bytes) -> None:
         """Upstream bytes for the express request in flight."""
+        if self.xleft:
+            self._express_more(data)
+            return
         req = self.xreq
         lane = self.xset
         assert req is not None and lane is not None
@@ -927,15 +944,14 @@ class ClientConnection:
             or lane.keepalive_off
             or (lane.max_requests > 0 and self.requests >= lane.max_requests)
         )
-        found = scan_response(data, len(req.method) == 4, lane.via, req.request_id, close)
+        found = scan_response_start(data, len(req.method) == 4, lane.via, req.request_id, close)
         if found is None:
             self.express_promote().on_upstream_data(data)
             return
-        status, reusable, body_length, out = found
+        status, reusable, body_length, out, left = found
         up = self.xup
         target = self.xtarget
         plan = self.xroute
-        span_ids = self.xspan
         assert up is not None and target is not None and plan is not None
         if self.xgen > -1:
             upstream = plan.upstream
@@ -947,6 +963,65 @@ class ClientConnection:
                     return
                 # The attempt's verdict (Exchange.on_upstream_data: a 5xx is a failure).
                 upstream.report(target, self.xgen, status < 500, status=status)
+        if left:
+            # The head and the body so far: the rest is relayed as it arrives
+            # (_express_more). Set before the write: a client that does not read makes
+            # the write promote the request in mid-body (pause_writing).
+            self.xleft = left
+            self.xstatus = status
+            self.xreuse = reusable
+            self.xbody = body_length
+            self.xclose = close
+            self.xsent = now = lane.loop_time()  # the upstream's last activity
+            self.xdue = now + plan.upstream.response_timeout  # an idle timeout from here
+            transport = self.transport
+            assert transport is not None
+            transport.write(out)
+            return
+        self._express_end(req, lane, plan, up, target, status, reusable, body_length, out, close)
+
+    def _express_more(self, data: bytes) -> None:
+        """More of a ``Content-Length`` body the lane is relaying: written as it comes;
+        its last byte ends the exchange. Bytes after it (nobody asked for them) are not
+        relayed, and the upstream connection is not reused (the codec's ``stray``)."""
+        lane = self.xset
+        plan = self.xroute
+        req = self.xreq
+        assert lane is not None and plan is not None and req is not None
+        left = self.xleft
+        n = len(data)
+        transport = self.transport
+        assert transport is not None
+        if n < left:
+            self.xleft = left - n  # before the write, which may promote (see above)
+            self.xsent = now = lane.loop_time()
+            self.xdue = now + plan.upstream.response_timeout
+            transport.write(data)
+            return
+        self.xleft = 0
+        up = self.xup
+        target = self.xtarget
+        assert up is not None and target is not None
+        self._express_end(
+            req,
+            lane,
+            plan,
+            up,
+            target,
+            self.xstatus,
+            self.xreuse and n == left,
+            self.xbody,
+            data if n == left else data[:left],
+            self.xclose or self.closing,
+        )
+
+    # A type comment, not annotations: the .pxd gives status and body_length C types,
+    # which Cython's reading of an ``int`` annotation (a Python int) would contradict.
+    def _express_end(self, req, lane, plan, up, target, status, reusable, body_length, out, close):  # type: (_ExpressRequest, ExpressSettings, ExpressRoute, UpstreamConnection, Target, int, bool, int, bytes, bool) -> None
+        """Write ``out``, the response's last bytes, and end the express exchange: the
+        upstream connection back to its pool, metrics, the access log, then the client
+        connection idle again (or closed)."""
+        span_ids = self.xspan
         # Done before the write: the write may call pause_writing (a client that does
         # not read), which must find no express request left to promote.
         self.xreq = None
@@ -1133,14 +1208,35 @@ class ClientConnection:
         up.exchange = ex
         ex.cc = up.codec = gw.engine.client(head.method, None)
         ex.up_start = self.xstart
+        left = self.xleft
+        if left:
+            # In mid-body: the lane wrote the head and some of the body. The codecs are
+            # brought to where the general path's would be (their output, already sent,
+            # discarded): the upstream's expects exactly the bytes still to come, with
+            # the upstream's keep-alive verdict; the client's writes that many more.
+            self.xleft = 0
+            status = self.xstatus
+            ex.cc.feed(
+                b"HTTP/1.1 %d X\r\ncontent-length: %d\r\n%s\r\n"
+                % (status, left, b"" if self.xreuse else b"connection: close\r\n")
+            )
+            self.codec.response_head(
+                status, b"", [(b"content-length", b"%d" % left)], close=self.xclose
+            )
+            ex.response_started = True
+            ex.status = status
+            ex.bytes_out = self.xbody - left
+            if self.xclose:
+                ex.keep_alive = False
         if upstream.load_aware:
             ex.load_target = target  # counted in flight since the lane sent the request
         if self.xgen > -1:
             # A resilient upstream: the attempt _attempt_resilient would have recorded,
-            # so the general path reports, abandons or retries it as its own.
+            # so the general path reports, abandons or retries it as its own (in
+            # mid-body it was reported at the head, as on_upstream_data does).
             ex.attempt = 1
             ex.gen = self.xgen
-            ex.gen_target = target
+            ex.gen_target = None if left else target
             ex.tried = [target]
         ex.last_up_activity = self.xsent
         loop = gw.loop

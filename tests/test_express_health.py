@@ -387,7 +387,8 @@ async def test_parity_with_the_general_path(
 @pytest.mark.parametrize(
     ("target", "served", "promoted", "connections"),
     [
-        ("/split", 2, 1, [0, 0, 0]),
+        ("/split", 2, 0, [0, 0, 0]),  # the body relayed as it comes, on the lane
+        ("/chunkedsplit", 2, 1, [0, 0, 0]),
         ("/eof", 1, 1, [0, 0, 1]),  # the body ends at close: /next connects
         # The pooled connection closes unanswered: one retry, on a fresh connection (the
         # only target), with the same bytes; /next then takes the lane on it.

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the .pyi stubs of the compiled modules are the typed contra
     from .express import new_root_trace as new_root_trace
     from .express import scan_request as scan_request
     from .express import scan_response as scan_response
+    from .express import scan_response_start as scan_response_start
     from .hashring import HashRing as HashRing
     from .lru import LRUCache as LRUCache
     from .ratelimit import SlidingWindow as SlidingWindow
@@ -37,6 +38,7 @@ else:
                 new_root_trace,
                 scan_request,
                 scan_response,
+                scan_response_start,
             )
             from .hashring import HashRing
             from .lru import LRUCache
@@ -53,6 +55,7 @@ else:
             new_root_trace,
             scan_request,
             scan_response,
+            scan_response_start,
         )
         from .hashring_py import HashRing
         from .lru_py import LRUCache
@@ -72,4 +75,5 @@ __all__ = [
     "new_root_trace",
     "scan_request",
     "scan_response",
+    "scan_response_start",
 ]

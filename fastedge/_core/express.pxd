@@ -20,3 +20,4 @@ cpdef ExpressRequest scan_request(
     int max_headers,
 )
 cpdef tuple scan_response(bytes data, bint head_request, bytes via, bytes request_id, bint close)
+cpdef tuple scan_response_start(bytes data, bint head_request, bytes via, bytes request_id, bint close)

@@ -9,7 +9,14 @@ exactly the bytes the general path (``FastServerCodec``/``FastClientCodec`` and
 ``fastedge.http.headers``) would send.
 """
 
-__all__ = ["ExpressRequest", "new_request_id", "new_root_trace", "scan_request", "scan_response"]
+__all__ = [
+    "ExpressRequest",
+    "new_request_id",
+    "new_root_trace",
+    "scan_request",
+    "scan_response",
+    "scan_response_start",
+]
 
 def new_request_id() -> bytes:
     """A process-unique request id: 12 hex digits of per-process randomness
@@ -99,3 +106,10 @@ def scan_response(
     one simple response (status 200-599, ``Content-Length`` body or none for HEAD/204/304),
     else ``None``. ``request_id`` is sent when the upstream gave none; ``close`` adds
     ``connection: close``; ``reusable`` is false when the upstream said ``close``."""
+
+def scan_response_start(
+    data: bytes, head_request: bool, via: bytes, request_id: bytes, close: bool
+) -> tuple[int, bool, int, bytes, int] | None:
+    """:func:`scan_response`, and also a response whose ``Content-Length`` body has only
+    begun to arrive: ``(status, reusable, body_length, bytes for the client, bytes of the
+    body still to come)``, else ``None``."""

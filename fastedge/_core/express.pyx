@@ -663,10 +663,28 @@ cpdef tuple scan_response(
     one simple response (see ``express_py.scan_response``), else ``None``."""
     if data is None or via is None or request_id is None:
         raise TypeError("scan_response() takes bytes, not None")
+    cdef tuple found = _scan_response(data, head_request, via, request_id, close, False)
+    return None if found is None else found[:4]
+
+
+cpdef tuple scan_response_start(
+    bytes data, bint head_request, bytes via, bytes request_id, bint close
+):
+    """``scan_response``, and also a response whose ``Content-Length`` body has only
+    begun to arrive: ``(status, reusable, body_length, bytes for the client, bytes of
+    the body still to come)`` (see ``express_py.scan_response_start``), else ``None``."""
+    if data is None or via is None or request_id is None:
+        raise TypeError("scan_response_start() takes bytes, not None")
+    return _scan_response(data, head_request, via, request_id, close, True)
+
+
+cdef tuple _scan_response(
+    bytes data, bint head_request, bytes via, bytes request_id, bint close, bint partial
+):
     cdef Field fields[MAX_FIELDS]
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
     cdef Py_ssize_t end = PyBytes_GET_SIZE(data)
-    cdef Py_ssize_t pos, line_end, head_end, size, i, body = 0
+    cdef Py_ssize_t pos, line_end, head_end, size, i, body = 0, avail = 0
     cdef int count = 0, kind, status
     cdef int via_i = -1, rid_i = -1, cl_i = -1, te_i = -1
     cdef Py_ssize_t chunked_size = 0  # the re-framed chunked body's bytes, when chunked
@@ -749,7 +767,8 @@ cpdef tuple scan_response(
             f = &fields[cl_i]
             for pos in range(f.value, f.value + f.value_len):
                 body = body * 10 + (p[pos] - 48)
-        if end - head_end != body:
+        avail = end - head_end
+        if avail > body or (avail < body and not partial):
             return None
     cdef Py_ssize_t vialen = PyBytes_GET_SIZE(via)
     cdef Py_ssize_t ridlen = PyBytes_GET_SIZE(request_id)
@@ -763,7 +782,7 @@ cpdef tuple scan_response(
     if te_i >= 0:
         size += 28 + 2 + chunked_size  # transfer-encoding: chunked, the blank line
     else:
-        size += 2 + body
+        size += 2 + avail
     cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
     cdef char* w = PyBytes_AS_STRING(out)
     w = _put(w, p, line_end)
@@ -789,9 +808,10 @@ cpdef tuple scan_response(
     w = _put(w, b"\r\n", 2)
     if te_i >= 0:
         _rechunk(w, p, head_end)
-    elif body:
-        _put(w, p + head_end, body)
-    return (status, not upstream_close, body, out)
+        avail = body  # whole
+    elif avail:
+        _put(w, p + head_end, avail)
+    return (status, not upstream_close, body, out, body - avail)
 
 
 cdef inline int _hex_value(unsigned char c) noexcept nogil:

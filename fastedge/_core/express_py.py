@@ -64,6 +64,9 @@ Accepted responses (:func:`scan_response`; anything else gives ``None``):
   after it). A chunked body is re-framed as the general path writes it: one chunk per
   upstream chunk (llhttp reports each chunk's data as one piece), sizes in lower-case hex
   without leading zeros, ``transfer-encoding: chunked`` after the other fields.
+  :func:`scan_response_start` also accepts a ``content-length`` body of which only the
+  first bytes (none, some) arrived with the head; it says how many are still to come,
+  and the caller relays them as they arrive (never more than that).
 * Dropped: ``connection``, ``keep-alive``, ``proxy-connection``, ``te``, ``trailer``,
   ``expect``, ``via`` and every ``x-request-id`` after the first; the rest is kept in
   order, then ``via``, ``x-request-id`` (when the upstream sent none) and
@@ -79,7 +82,13 @@ from typing import Final
 
 from fastedge.observe.tracecontext import new_span_id, new_trace_id
 
-__all__ = ["ExpressRequest", "new_request_id", "scan_request", "scan_response"]
+__all__ = [
+    "ExpressRequest",
+    "new_request_id",
+    "scan_request",
+    "scan_response",
+    "scan_response_start",
+]
 
 # -- request ids ---------------------------------------------------------------------------
 
@@ -419,7 +428,20 @@ def scan_response(
     data: bytes, head_request: bool, via: bytes, request_id: bytes, close: bool
 ) -> tuple[int, bool, int, bytes] | None:
     """``(status, reusable, body_length, bytes for the client)`` when ``data`` is exactly
-    one simple response (see the module docstring), else ``None``.
+    one simple response (see the module docstring), else ``None``; the arguments are
+    :func:`scan_response_start`'s."""
+    found = scan_response_start(data, head_request, via, request_id, close)
+    return None if found is None or found[4] else found[:4]
+
+
+def scan_response_start(
+    data: bytes, head_request: bool, via: bytes, request_id: bytes, close: bool
+) -> tuple[int, bool, int, bytes, int] | None:
+    """``(status, reusable, body_length, bytes for the client, body bytes still to come)``
+    when ``data`` is one simple response (see the module docstring) or the start of one
+    whose ``Content-Length`` body has only begun to arrive (the head whole, fewer body
+    bytes than declared: the client's bytes then hold the head and the body so far, and
+    the caller relays the rest as it comes), else ``None``.
 
     ``head_request``: the request was HEAD (no body follows). ``via``: this hop's ``Via``
     entry. ``request_id``: sent when the upstream gave none. ``close``: the client
@@ -501,8 +523,9 @@ def scan_response(
         return None  # read until close: the general path streams it
     else:
         body_length = content_length
-    if chunks is None and len(data) - head_end != body_length:
-        return None
+    avail = len(data) - head_end
+    if chunks is None and avail > body_length:
+        return None  # bytes after the response: the general path flags them
 
     kept.append(_line(b"via", via if via_in is None else via_in + b", " + via))
     if not has_request_id:
@@ -514,10 +537,12 @@ def scan_response(
     kept.append(_CRLF)
     if chunks is None:
         kept.append(data[head_end:])
+        left = body_length - avail
     else:
         kept.extend(b"%x\r\n%b\r\n" % (len(chunk), chunk) for chunk in chunks)
         kept.append(b"0\r\n\r\n")
-    return status, not upstream_close, body_length, b"".join(kept)
+        left = 0
+    return status, not upstream_close, body_length, b"".join(kept), left
 
 
 _HEX_DIGITS: Final = frozenset(b"0123456789abcdefABCDEF")

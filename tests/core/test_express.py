@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fastedge.http.engine import END, Limits, RequestHead, ResponseHead
@@ -1304,3 +1304,87 @@ def test_word_scan_long_values_accepted_and_trimmed(ex: ModuleType, n: int) -> N
     assert found is not None
     assert found.authorization == (b"Bearer " + value).rstrip()
     assert scan(ex, request(b"Host: a", b"X-A: " + value + b"\x7f")) is None
+
+
+# -- a Content-Length body that has only begun to arrive (scan_response_start) ----------
+
+
+def general_stream(data: bytes, cut: int, head_request: bool, close: bool) -> bytes:
+    """What the general path writes for ``data`` arriving as ``data[:cut]`` then
+    ``data[cut:]``: each read's events framed as the proxy frames them."""
+    method = b"HEAD" if head_request else b"GET"
+    server = FastServerCodec(LIMITS)
+    server.feed(method + b" / HTTP/1.1\r\nHost: a\r\n\r\n")
+    codec = FastClientCodec(method)
+    wire = b""
+    for piece in (data[:cut], data[cut:]):
+        for ev in codec.feed(piece):
+            if isinstance(ev, ResponseHead):
+                headers = rewrite_response_headers(
+                    ev.headers, via=VIA, request_id=RID, keep_length=True
+                )
+                wire += server.response_head(ev.status, ev.reason, headers, close=close)
+            elif ev is END:
+                wire += server.end()
+            else:
+                assert isinstance(ev, bytes), ev
+                wire += server.body(ev)
+    return wire
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=simple_responses(), where=st.floats(0, 1))
+def test_a_body_cut_anywhere_relays_what_the_general_path_writes(
+    case: tuple[bytes, bool, bool], where: float
+) -> None:
+    """Any accepted Content-Length response cut at any point of its body: both
+    implementations accept the first part, say how many bytes are to come, and the
+    first part's bytes followed by the rest, as relayed, are what the general path
+    writes for the same two reads."""
+    data, head_request, close = case
+    whole = compiled.scan_response(data, head_request, VIA, RID, close)
+    assume(whole is not None and b"transfer-encoding" not in data.lower())
+    head_end = data.index(b"\r\n\r\n") + 4
+    cut = head_end + int((len(data) - head_end) * where)
+    got = [
+        impl.scan_response_start(data[:cut], head_request, VIA, RID, close)
+        for impl in (compiled, python)
+    ]
+    assert got[0] == got[1]
+    assert got[0] is not None
+    status, reusable, body_length, out, left = got[0]
+    assert (status, reusable, body_length) == whole[:3]
+    assert left == len(data) - cut
+    assert out + data[cut:] == whole[3]
+    assert out + data[cut:] == general_stream(data, cut, head_request, close)
+    # scan_response takes only whole responses.
+    if left:
+        assert compiled.scan_response(data[:cut], head_request, VIA, RID, close) is None
+        assert python.scan_response(data[:cut], head_request, VIA, RID, close) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "head_request"),
+    [
+        (response(b"Content-Length: 5", body=b"abcdef"), False),  # bytes after the body
+        (response(b"Transfer-Encoding: chunked", body=b"5\r\nab"), False),  # chunked: whole
+        (response(body=b"until close"), False),  # no framing
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n", False),  # the head itself cut
+        (response(b"Content-Length: 5", body=b"ab"), True),  # HEAD: no body at all
+        (response(b"Content-Length: 5", body=b"ab", line=b"HTTP/1.1 204 N"), False),
+    ],
+    ids=["long", "chunked-partial", "no-length", "head-cut", "head-request", "204"],
+)
+def test_what_start_still_refuses(ex: ModuleType, data: bytes, head_request: bool) -> None:
+    """Only a Content-Length body may be partial: never more bytes than declared, never
+    a partial chunked body, a partial head or a body where none may be."""
+    assert ex.scan_response_start(data, head_request, VIA, RID, False) is None
+
+
+def test_start_of_an_empty_body_read(ex: ModuleType) -> None:
+    """The head alone, with the whole body still to come."""
+    data = response(b"Content-Length: 7")
+    got = ex.scan_response_start(data, False, VIA, RID, True)
+    assert got is not None
+    assert got[2] == 7 and got[4] == 7
+    assert got[3].endswith(b"\r\nconnection: close\r\n\r\n")
