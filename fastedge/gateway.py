@@ -133,6 +133,7 @@ class Upstream:
         "config",
         "express",
         "express_health",
+        "express_plain",
         "express_tier",
         "fallback",
         "fallback_response",
@@ -243,6 +244,7 @@ class Upstream:
         self.checker: HealthChecker[Target] | None = None
         self.resilient = False
         self.express = False
+        self.express_plain = False
         self.express_health: Mapping[Target, HealthState] | None = None
         self.express_tier: Any = None
         self._install(targets, seed)
@@ -347,6 +349,10 @@ class Upstream:
         # resilient upstream express_pick() or express_attempt()), with a request key
         # the lane has at hand (fastedge.proxy, _express): not a header, cookie or claim.
         self.express = not self.keyed or self.hash_key in ("ip", "path")
+        # The lane's commonest case: the balancer's pick and nothing else per request.
+        self.express_plain = not (
+            resilient or self.load_aware or self.keyed or self.host_header is not None
+        )
 
     def _probe_host(self, target: Target) -> str:
         hc = self.config.health_check

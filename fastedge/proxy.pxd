@@ -78,6 +78,7 @@ cdef class ClientConnection:
     cdef public UpstreamConnection xup
     cdef public double xstart, xsent, xdue
     cdef public long long xgen
+    cdef public bint xfull
     cdef public Py_ssize_t xleft, xbody
     cdef public int xstatus
     cdef public bint xreuse, xclose

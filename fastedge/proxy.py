@@ -416,6 +416,7 @@ class ClientConnection:
         "xbody",
         "xclose",
         "xdue",
+        "xfull",
         "xgen",
         "xleft",
         "xreq",
@@ -469,6 +470,7 @@ class ClientConnection:
         self.xsent = 0.0
         self.xdue = 0.0
         self.xgen = -1  # the breaker generation of a resilient upstream's attempt
+        self.xfull = False  # its upstream is not plain round robin (express_plain)
         # A Content-Length body being relayed (_express_more): the bytes still to come,
         # and what its head said (status, upstream reusable, body length, client close).
         self.xleft = 0
@@ -861,14 +863,16 @@ class ClientConnection:
         # The attempt's breaker generation on a resilient upstream (-1: not resilient),
         # what Exchange._attempt_resilient records for its first attempt.
         gen = -1
-        key = None
-        if upstream.keyed:  # consistent hashing on the client's address or the path
-            key = self.client_ip if upstream.hash_key == "ip" else req.target.partition(b"?")[0]
-        if not upstream.resilient:
-            if key is None:
+        # The commonest upstream (round robin, nothing else) costs one attribute lookup;
+        # the others (``full``) are read field by field.
+        full = not upstream.express_plain
+        if not full:
+            target = upstream.balancer.pick()
+        elif not upstream.resilient:
+            if upstream.keyed:  # Exchange.forward: the key's target, with bounded load
+                target = upstream.balancer.candidates(self._express_key(upstream, req))[0]
+            else:
                 target = upstream.balancer.pick()
-            else:  # Exchange.forward: the key's target, with bounded load
-                target = upstream.balancer.candidates(key)[0]
         elif upstream.express_health is not None:
             # Health checks only: the pick among healthy targets (candidates()[0]).
             target = upstream.express_pick()
@@ -876,7 +880,9 @@ class ClientConnection:
                 return False  # none healthy: the general path answers
             gen = 0
         else:
-            attempt = upstream.express_attempt(key)
+            attempt = upstream.express_attempt(
+                self._express_key(upstream, req) if upstream.keyed else None
+            )
             if attempt is None:
                 return False  # nothing available: a fallback, a static answer or a 503
             target, gen = attempt
@@ -896,16 +902,19 @@ class ClientConnection:
                 return False
             drop = admitted.drop
             extra = admitted.extra if extra is None else extra + admitted.extra
-        host_field = upstream.host_field
-        if host_field is not None:
-            # The upstream's own Host (Exchange.start): the client's is dropped and ours
-            # follows the request id, before the trace context and the filters' fields.
-            drop = _HOST_ONLY if drop is None else drop + _HOST_ONLY
-            extra = host_field if extra is None else host_field + extra
-        if gen > -1 and upstream.verdicts:
-            upstream.record_request()  # the retry budget's denominator (Exchange.forward)
-        if upstream.load_aware:  # in flight from now (Exchange.attach)
-            upstream.balancer.acquire(target)
+        if full:
+            host_field = upstream.host_field
+            if host_field is not None:
+                # The upstream's own Host (Exchange.start): the client's is dropped and
+                # ours follows the request id, before the trace context and the
+                # filters' fields.
+                drop = _HOST_ONLY if drop is None else drop + _HOST_ONLY
+                extra = host_field if extra is None else host_field + extra
+            if gen > -1 and upstream.verdicts:
+                upstream.record_request()  # the retry budget's denominator (forward())
+            if upstream.load_aware:  # in flight from now (Exchange.attach)
+                upstream.balancer.acquire(target)
+        self.xfull = full
         transport = conn.transport
         self.xtrace = None
         self.lane.served += 1
@@ -928,6 +937,13 @@ class ClientConnection:
         if self._deadline_handle is None or self._deadline_at > self.xdue + 0.001:
             self.rearm()
         return True
+
+    def _express_key(self, upstream: Upstream, req: _ExpressRequest) -> bytes:
+        """A consistent-hash upstream's key on the lane (Exchange._affinity_key): the
+        client's address, or the path (``Upstream.express`` admits no other key)."""
+        if upstream.hash_key == "ip":
+            return self.client_ip
+        return req.target.partition(b"?")[0]
 
     def express_response(self, data: bytes) -> None:
         """Upstream bytes for the express request in flight."""
@@ -1038,12 +1054,13 @@ class ClientConnection:
         pool = target.pool
         pool.give_back(up, reusable)
         elapsed = perf_counter() - self.xstart
-        upstream = plan.upstream
-        if upstream.load_aware:  # the exchange's end (Exchange._release_load)
-            balancer = upstream.balancer
-            balancer.release(target)
-            if upstream.balance == "p2c_ewma":
-                balancer.observe(target, elapsed)
+        if self.xfull:
+            upstream = plan.upstream
+            if upstream.load_aware:  # the exchange's end (Exchange._release_load)
+                balancer = upstream.balancer
+                balancer.release(target)
+                if upstream.balance == "p2c_ewma":
+                    balancer.observe(target, elapsed)
         plan.stats.observe("GET" if len(req.method) == 3 else "HEAD", status, elapsed, elapsed)
         if lane.access_log:
             self._express_log(
