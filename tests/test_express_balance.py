@@ -56,7 +56,14 @@ from fastedge.upstream.balancers import ConsistentHash, LeastConnections, PowerO
 from tests import test_express_proxy
 from tests.conftest import Client, Response
 from tests.test_express_health import PROBE, SLOW_CHECKS
-from tests.test_express_proxy import OriginConn, ScriptedOrigin, eventually, lane_counts, request
+from tests.test_express_proxy import (
+    OriginConn,
+    ScriptedOrigin,
+    eventually,
+    lane_counts,
+    request,
+    started_origins,
+)
 
 # The no-ERROR-logged check of tests/test_express_proxy.py (autouse: pytest finds fixtures
 # by their module-level names). A ValueError("release() without acquire()") raised in a
@@ -366,19 +373,9 @@ NewLabelled = Callable[[str], Awaitable[LabelledOrigin]]
 async def new_labelled() -> AsyncIterator[NewLabelled]:
     """``await new_labelled(label)``: a started :class:`LabelledOrigin`, closed (its
     held answers released first) at the end."""
-    origins: list[LabelledOrigin] = []
-    killed: set[bytes] = set()
-
-    async def start(label: str) -> LabelledOrigin:
-        origin = LabelledOrigin(label, killed)
-        await origin.start()
-        origins.append(origin)
-        return origin
-
-    yield start
-    for origin in origins:
-        origin.release()
-        await origin.close()
+    killed: set[bytes] = set()  # shared: each path is killed once across the origins
+    async with started_origins(lambda label: LabelledOrigin(label, killed), release=True) as start:
+        yield start
 
 
 async def labelled(new: NewLabelled, count: int) -> list[LabelledOrigin]:

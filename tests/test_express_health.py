@@ -43,6 +43,7 @@ from tests.test_express_proxy import (
     pool_stats,
     request,
     run_sequence,
+    started_origins,
     warm,
 )
 from tests.test_resilience_proxy import wait_until
@@ -316,17 +317,8 @@ class CheckedOrigin(ScriptedOrigin):
 async def new_checked() -> AsyncIterator[Callable[..., Awaitable[CheckedOrigin]]]:
     """``await new_checked(calm=False)``: a started :class:`CheckedOrigin`, closed at
     the end."""
-    origins: list[CheckedOrigin] = []
-
-    async def start(*, calm: bool = False) -> CheckedOrigin:
-        origin = CheckedOrigin(calm=calm)
-        await origin.start()
-        origins.append(origin)
-        return origin
-
-    yield start
-    for origin in origins:
-        await origin.close()
+    async with started_origins(CheckedOrigin) as start:
+        yield start
 
 
 def checked_document(

@@ -14,6 +14,7 @@ The first request of a proxy finds the upstream pool empty and takes the general
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import socket
@@ -21,7 +22,7 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import orjson
 import pytest
@@ -241,20 +242,45 @@ class _OriginProtocol(asyncio.Protocol):
         self.conn.closed = True
 
 
-@pytest.fixture
-async def new_origin() -> AsyncIterator[Callable[[], Awaitable[ScriptedOrigin]]]:
-    """``await new_origin()``: a started scripted origin, closed at the end."""
-    origins: list[ScriptedOrigin] = []
+class StartableOrigin(Protocol):
+    """An in-test origin: listens on :meth:`start`, drops everything on :meth:`close`."""
 
-    async def start() -> ScriptedOrigin:
-        origin = ScriptedOrigin()
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+OriginT = TypeVar("OriginT", bound=StartableOrigin)
+
+
+@contextlib.asynccontextmanager
+async def started_origins(
+    make: Callable[..., OriginT], *, release: bool = False
+) -> AsyncIterator[Callable[..., Awaitable[OriginT]]]:
+    """A factory of started origins, ``make(*args, **kw)`` each, every one closed at the
+    end (with ``release``, its held answers are released first)."""
+    origins: list[OriginT] = []
+
+    async def start(*args: Any, **kw: Any) -> OriginT:
+        origin = make(*args, **kw)
         await origin.start()
         origins.append(origin)
         return origin
 
-    yield start
-    for origin in origins:
-        await origin.close()
+    try:
+        yield start
+    finally:
+        for origin in origins:
+            if release:
+                origin.release()  # type: ignore[attr-defined]
+            await origin.close()
+
+
+@pytest.fixture
+async def new_origin() -> AsyncIterator[Callable[[], Awaitable[ScriptedOrigin]]]:
+    """``await new_origin()``: a started scripted origin, closed at the end."""
+    async with started_origins(ScriptedOrigin) as start:
+        yield start
 
 
 @pytest.fixture(autouse=True)

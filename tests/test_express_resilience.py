@@ -42,7 +42,7 @@ import fastedge.upstream.registry as registry_module
 from fastedge.config import parse_config
 from fastedge.gateway import Target, Upstream
 from fastedge.server import ProxyServer
-from tests.test_express_proxy import lane_counts
+from tests.test_express_proxy import lane_counts, started_origins
 from tests.test_resilience_proxy import fetch, origin_port
 
 MakeProxy = Callable[[dict[str, Any]], Awaitable[ProxyServer]]
@@ -140,18 +140,8 @@ class _SwitchProtocol(asyncio.Protocol):
 @pytest.fixture
 async def new_switch() -> AsyncIterator[Callable[[str], Awaitable[SwitchOrigin]]]:
     """``await new_switch(label)``: a started :class:`SwitchOrigin`, closed at the end."""
-    origins: list[SwitchOrigin] = []
-
-    async def start(label: str) -> SwitchOrigin:
-        origin = SwitchOrigin(label)
-        await origin.start()
-        origins.append(origin)
-        return origin
-
-    yield start
-    for origin in origins:
-        origin.release()
-        await origin.close()
+    async with started_origins(SwitchOrigin, release=True) as start:
+        yield start
 
 
 NewSwitch = Callable[[str], Awaitable[SwitchOrigin]]

@@ -49,6 +49,7 @@ from tests.test_express_proxy import (
     lane_counts,
     pool_stats,
     request,
+    started_origins,
     warm,
 )
 
@@ -214,17 +215,8 @@ class StreamOrigin(ScriptedOrigin):
 @pytest.fixture
 async def new_stream_origin() -> AsyncIterator[NewOrigin]:
     """``await new_stream_origin()``: a started :class:`StreamOrigin`, closed at the end."""
-    origins: list[StreamOrigin] = []
-
-    async def start() -> StreamOrigin:
-        origin = StreamOrigin()
-        await origin.start()
-        origins.append(origin)
-        return origin
-
-    yield start
-    for origin in origins:
-        await origin.close()
+    async with started_origins(StreamOrigin) as start:
+        yield start
 
 
 # --- a client that keeps every byte -------------------------------------------------------
