@@ -92,6 +92,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports: every socket stays bound until all are,
+    so the kernel cannot hand out one port twice (two free_port() calls in a row can
+    return the same one, which a config with two listeners then refuses)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
 async def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
     """Wait (bounded) until ``proc`` accepts connections on ``port``; raises if it exits
     first, with its stderr when that is a pipe."""

@@ -39,7 +39,7 @@ from fastedge.filters.ratelimit_redis import (
 )
 from fastedge.observe.metrics import Metrics
 from fastedge.server import ProxyServer
-from tests.conftest import ROOT, Client, free_port, get, wait_port
+from tests.conftest import ROOT, Client, free_port, free_ports, get, wait_port
 
 
 @pytest.fixture(scope="module")
@@ -499,7 +499,7 @@ async def test_two_fastedge_processes_enforce_one_global_limit(
 ) -> None:
     """The issue's acceptance test: N allowed in total across both, the rest 429."""
     n, m = 12, 30
-    ports = [free_port(), free_port()]
+    ports = free_ports(2)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for i, port in enumerate(ports):

@@ -30,6 +30,7 @@ from tests.conftest import (
     Client,
     call,
     free_port,
+    free_ports,
     get,
     running_demo,
     start_origin,
@@ -366,7 +367,7 @@ async def test_disk_full_keeps_serving_and_says_not_persisted(
         # Needs a kernel that allows unprivileged user+mount namespaces (CI's does); where
         # it refuses, test_traffic.py's injected-ENOSPC test still covers the same code.
         pytest.skip("kernel refuses unprivileged mount namespaces (unshare -rm)")
-    port, admin_port = free_port(), free_port()
+    port, admin_port = free_ports(2)
     cfg = tmp_path / "fastedge.toml"
     upstreams = "".join(
         f'[upstreams.{n}]\ntargets = ["http://127.0.0.1:{p}"]\n' for n, p in origins.items()

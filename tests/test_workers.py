@@ -33,7 +33,7 @@ from fastedge.minihttp import Request, Response, start_server
 from fastedge.observe.aggregate import ExpositionError, merge_expositions
 from fastedge.observe.metrics import MetricFamily, Metrics
 from fastedge.workers import ConfigSnapshot, cpu_count, merge_stats, read_config_file
-from tests.conftest import ROOT, call, free_port, start_origin, stop_origin
+from tests.conftest import ROOT, call, free_port, free_ports, start_origin, stop_origin
 from tests.test_lifecycle_load import (
     REQUEST_TIMEOUT,
     Tally,
@@ -186,7 +186,7 @@ async def start_instance(
 async def two_workers(
     instances: list[Instance], tmp_path: Path, origin_port: int, extra: str = ""
 ) -> Instance:
-    port, admin_port = free_port(), free_port()
+    port, admin_port = free_ports(2)
     text = config_text(port, admin_port, origin_port, extra=extra)
     return await start_instance(instances, tmp_path, text, port, admin_port, "--workers", "2")
 
@@ -488,7 +488,7 @@ async def test_workers_that_cannot_start_make_the_supervisor_fail(
     """A worker failing at start (its access log path is a directory, which only opening
     it reveals) stops the instance with status 1 and the reason on stderr; a taken port
     fails before any worker starts."""
-    port, admin_port = free_port(), free_port()
+    port, admin_port = free_ports(2)
     (tmp_path / "logs").mkdir()
     text = config_text(port, admin_port, origin_port).replace(
         "access_log = false", f'access_log = "{tmp_path / "logs"}"'
@@ -520,7 +520,7 @@ async def test_one_worker_is_the_single_process_path(
 ) -> None:
     """``--workers 1`` (and the default) serve in the process itself: no children, the
     admin API is the process's own (no ``/workers``)."""
-    port, admin_port = free_port(), free_port()
+    port, admin_port = free_ports(2)
     cfg = tmp_path / "c.toml"
     cfg.write_text(config_text(port, admin_port, origin_port))
     proc = subprocess.Popen(
