@@ -498,19 +498,13 @@ class Upstream:
         healthy, as in :meth:`PriorityGroups.candidates`."""
         health = self.express_health
         assert health is not None
-        for t in self.targets:
-            if health[t].healthy:
-                break
-        else:
+        # After an unhealthy pick the failover order is the tier's list order, so the
+        # answer is then the first healthy target.
+        fallback = next((t for t in self.targets if health[t].healthy), None)
+        if fallback is None:
             return None  # none healthy: the general path answers (503, no panic mode)
         first: Target = self.express_tier.pick()
-        if health[first].healthy:
-            return first
-        # The failover order after an unhealthy pick: the tier's list order.
-        for t in self.targets:
-            if health[t].healthy:
-                return t
-        return None  # unreachable: one target was healthy above
+        return first if health[first].healthy else fallback
 
     def express_attempt(self, key: bytes | None = None) -> tuple[Target, int] | None:
         """The express lane's first attempt on a resilient upstream: the first of

@@ -96,6 +96,7 @@ cdef class ClientConnection:
     cpdef express_response(self, bytes data)
     @cython.locals(req=ExpressRequest, lane=ExpressSettings, plan=ExpressRoute)
     cpdef _express_more(self, bytes data)
+    cpdef _express_heard(self, ExpressSettings lane, ExpressRoute plan)
     @cython.locals(pool=ConnectionPool)
     cpdef _express_end(self, ExpressRequest req, ExpressSettings lane, ExpressRoute plan, UpstreamConnection up, object target, int status, bint reusable, Py_ssize_t body_length, bytes out, bint close)
     @cython.locals(req=ExpressRequest, plan=ExpressRoute)

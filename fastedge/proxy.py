@@ -988,13 +988,18 @@ class ClientConnection:
             self.xreuse = reusable
             self.xbody = body_length
             self.xclose = close
-            self.xsent = now = lane.loop_time()  # the upstream's last activity
-            self.xdue = now + plan.upstream.response_timeout  # an idle timeout from here
+            self._express_heard(lane, plan)
             transport = self.transport
             assert transport is not None
             transport.write(out)
             return
         self._express_end(req, lane, plan, up, target, status, reusable, body_length, out, close)
+
+    def _express_heard(self, lane: ExpressSettings, plan: ExpressRoute) -> None:
+        """The upstream sent part of a body now: its last activity, from which its
+        response timeout counts again (an idle timeout, as the general path's)."""
+        self.xsent = now = lane.loop_time()
+        self.xdue = now + plan.upstream.response_timeout
 
     def _express_more(self, data: bytes) -> None:
         """More of a ``Content-Length`` body the lane is relaying: written as it comes;
@@ -1010,8 +1015,7 @@ class ClientConnection:
         assert transport is not None
         if n < left:
             self.xleft = left - n  # before the write, which may promote (see above)
-            self.xsent = now = lane.loop_time()
-            self.xdue = now + plan.upstream.response_timeout
+            self._express_heard(lane, plan)
             transport.write(data)
             return
         self.xleft = 0
