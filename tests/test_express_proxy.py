@@ -66,7 +66,9 @@ class ScriptedOrigin:
     * ``slow``: the whole response 100 ms after the request; ``held``: the whole
       response when the test calls :meth:`release`;
     * ``chunked``: a chunked body in one write (on the lane since session 16);
-      ``chunkedsplit``: the head and the first chunk, the rest 100 ms later; ``eof``:
+      ``chunkedsplit``: the head and the first chunk, the rest 100 ms later;
+      ``tabchunked``: ``Transfer-Encoding: chunked`` and a tab (llhttp then reads the
+      body until close); ``eof``:
       no Content-Length, the body ends at close;
     * ``interim``: ``100`` and ``103`` in one write, the final response 100 ms later;
     * ``never``: no answer; ``drop``: closes the connection after reading the request;
@@ -148,6 +150,9 @@ class ScriptedOrigin:
             )
             if not is_head:
                 self.later(0.1, conn, b"4\r\nbody\r\n0\r\n\r\n")
+        elif kind == b"tabchunked":
+            chunked = b"6\r\nfixed \r\n4\r\nbody\r\n0\r\n\r\n"
+            t.write(_response(b"200 OK", [b"Transfer-Encoding: chunked\t"], chunked, is_head))
         elif kind == b"eof":
             t.write(_response(b"200 OK", [b"Content-Type: text/plain"], body, is_head))
             t.close()
@@ -649,6 +654,21 @@ async def test_parity_for_requests_the_lane_refuses(
     assert (express.served, express.promoted) == (0, 0)
     statuses = [r.status for r in express.responses]
     assert 400 in statuses and 200 in statuses
+
+
+async def test_chunked_then_a_tab_is_refused_not_relayed_raw(
+    make_proxy: MakeProxy, new_origin: Callable[[], Awaitable[ScriptedOrigin]]
+) -> None:
+    """``Transfer-Encoding: chunked<TAB>``: llhttp frames that body as read-until-close.
+    Both lanes answer 502 (the lane declines it; the general path refuses the field)
+    rather than relaying the chunk framing as the body, and the next request works."""
+    reqs = [(request("/tabchunked", "t-1"), b"GET"), (request("/next", "t-2"), b"GET")]
+    express, _ = await both(make_proxy, new_origin, reqs)
+    first, after = express.responses
+    assert first.status == 502
+    assert b"fixed" not in first.body
+    assert (after.status, after.body) == (200, b"fixed body for /next\n")
+    assert express.promoted == 1
 
 
 # --- 2. promotion: the general path takes over after the request was sent ------------------

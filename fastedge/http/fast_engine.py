@@ -657,7 +657,14 @@ class FastClientCodec:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value.rstrip()))
+        name = name.lower()
+        stripped = value.rstrip()
+        if stripped is not value and name == b"transfer-encoding" and 9 in value[len(stripped) :]:
+            # llhttp reads ``chunked`` followed by a tab as another coding, a body read
+            # until close: trimmed, the value would pass for chunked and the client would
+            # get the raw chunk framing inside ours. Kept as is, it is refused below.
+            stripped = value
+        self._headers.append((name, stripped))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
