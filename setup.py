@@ -32,6 +32,8 @@ DATA_PATH = [
     "fastedge/upstream/balancers.py",
     "fastedge/upstream/breaker.py",
     "fastedge/upstream/health.py",
+    "fastedge/upstream/retry.py",
+    "fastedge/upstream/resilient_tier.py",
     "fastedge/router.py",
     "fastedge/observe/metrics.py",
     # The edge cache's hit path (the express lane answers fresh hits through it).

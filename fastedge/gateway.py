@@ -37,6 +37,7 @@ from fastedge.upstream.breaker import CircuitBreaker
 from fastedge.upstream.health import HealthChecker, HealthState, OutlierDetector
 from fastedge.upstream.pool import ConnectionPool
 from fastedge.upstream.registry import UpstreamRegistry
+from fastedge.upstream.resilient_tier import ResilientTier
 from fastedge.upstream.retry import RetryBudget, RetryPolicy
 
 if TYPE_CHECKING:
@@ -134,6 +135,7 @@ class Upstream:
         "express",
         "express_health",
         "express_plain",
+        "express_resilient",
         "express_tier",
         "fallback",
         "fallback_response",
@@ -247,6 +249,7 @@ class Upstream:
         self.express_plain = False
         self.express_health: Mapping[Target, HealthState] | None = None
         self.express_tier: Any = None
+        self.express_resilient: ResilientTier | None = None
         self._install(targets, seed)
 
     # --- building -------------------------------------------------------------------------
@@ -345,6 +348,17 @@ class Upstream:
         self.resilient = resilient
         self.express_health = checker.states if checked_only and checker is not None else None
         self.express_tier = balancer.balancers[0] if checked_only else None
+        # Any other resilient upstream with one tier of round robin: express_attempt()
+        # in C (fastedge/upstream/resilient_tier.py).
+        self.express_resilient = None
+        if (
+            resilient
+            and not checked_only
+            and cfg.balance == "round_robin"
+            and len({t.priority for t in targets}) == 1
+        ):
+            states = [checker.state(t) if checker is not None else None for t in targets]
+            self.express_resilient = ResilientTier(self, targets, balancer, states)
         # Plain enough for the express lane: a synchronous pick (the balancer's, or for a
         # resilient upstream express_pick() or express_attempt()), with a request key
         # the lane has at hand (fastedge.proxy, _express): not a header, cookie or claim.
@@ -587,19 +601,25 @@ class Upstream:
             b.record(ok, generation=generation)
         od = self.outlier
         if od is not None and od.record(target.name, ok, time.monotonic()):
-            why = f"status {status}" if status else ("timeout" if timeout else "connect error")
-            log.warning(
-                "upstream %s: target %s ejected after %d consecutive failures (last: %s)",
-                self.name,
-                target.name,
-                od.consecutive_failures,
-                why,
+            self.ejected(target, status=status, timeout=timeout)
+
+    def ejected(self, target: Target, *, status: int = 0, timeout: bool = False) -> None:
+        """Outlier detection has just ejected ``target``: log it and count it."""
+        od = self.outlier
+        assert od is not None
+        why = f"status {status}" if status else ("timeout" if timeout else "connect error")
+        log.warning(
+            "upstream %s: target %s ejected after %d consecutive failures (last: %s)",
+            self.name,
+            target.name,
+            od.consecutive_failures,
+            why,
+        )
+        if self.metrics is not None:
+            self.metrics.inc(
+                "fastedge_upstream_ejections_total",
+                (("upstream", self.name), ("target", target.name)),
             )
-            if self.metrics is not None:
-                self.metrics.inc(
-                    "fastedge_upstream_ejections_total",
-                    (("upstream", self.name), ("target", target.name)),
-                )
 
     def abandon(self, target: Target, generation: int) -> None:
         """The client left before the attempt on ``target`` had an outcome."""

@@ -9,6 +9,7 @@ from fastedge._core.express cimport ExpressRequest, scan_request, scan_response_
 from fastedge.filters.express cimport ExpressContext, admit
 from fastedge.observe.metrics cimport Metrics, RouteStats
 from fastedge.upstream.pool cimport ConnectionPool, PooledBase
+from fastedge.upstream.resilient_tier cimport ResilientTier
 
 
 cdef class ClientConnection
@@ -90,9 +91,9 @@ cdef class ClientConnection:
     cpdef double _due(self)
     @cython.locals(lane=ExpressSettings)
     cpdef rearm(self)
-    @cython.locals(req=ExpressRequest, lane=ExpressSettings, span_ids=tuple, extra=bytes, plan=ExpressRoute, pool=ConnectionPool, admitted=ExpressContext)
+    @cython.locals(req=ExpressRequest, lane=ExpressSettings, span_ids=tuple, extra=bytes, plan=ExpressRoute, pool=ConnectionPool, admitted=ExpressContext, tier=ResilientTier)
     cpdef bint _express(self, bytes data, double now)
-    @cython.locals(req=ExpressRequest, lane=ExpressSettings, plan=ExpressRoute)
+    @cython.locals(req=ExpressRequest, lane=ExpressSettings, plan=ExpressRoute, tier=ResilientTier)
     cpdef express_response(self, bytes data)
     @cython.locals(req=ExpressRequest, lane=ExpressSettings, plan=ExpressRoute)
     cpdef _express_more(self, bytes data)

@@ -880,9 +880,13 @@ class ClientConnection:
                 return False  # none healthy: the general path answers
             gen = 0
         else:
-            attempt = upstream.express_attempt(
-                self._express_key(upstream, req) if upstream.keyed else None
-            )
+            tier = upstream.express_resilient
+            if tier is not None:  # one tier of round robin: the same choice, in C
+                attempt = tier.attempt()
+            else:
+                attempt = upstream.express_attempt(
+                    self._express_key(upstream, req) if upstream.keyed else None
+                )
             if attempt is None:
                 return False  # nothing available: a fallback, a static answer or a 503
             target, gen = attempt
@@ -911,7 +915,12 @@ class ClientConnection:
                 drop = _HOST_ONLY if drop is None else drop + _HOST_ONLY
                 extra = host_field if extra is None else host_field + extra
             if gen > -1 and upstream.verdicts:
-                upstream.record_request()  # the retry budget's denominator (forward())
+                # The retry budget's denominator (forward()).
+                tier = upstream.express_resilient
+                if tier is not None:
+                    tier.record_request()
+                else:
+                    upstream.record_request()
             if upstream.load_aware:  # in flight from now (Exchange.attach)
                 upstream.balancer.acquire(target)
         self.xfull = full
@@ -978,7 +987,11 @@ class ClientConnection:
                     self.express_promote().on_upstream_data(data)
                     return
                 # The attempt's verdict (Exchange.on_upstream_data: a 5xx is a failure).
-                upstream.report(target, self.xgen, status < 500, status=status)
+                tier = upstream.express_resilient
+                if tier is not None:
+                    tier.report(target, self.xgen, status)
+                else:
+                    upstream.report(target, self.xgen, status < 500, status=status)
         if left:
             # The head and the body so far: the rest is relayed as it arrives
             # (_express_more). Set before the write: a client that does not read makes

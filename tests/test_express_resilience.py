@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 
 import fastedge.gateway as gateway_module
 import fastedge.upstream.registry as registry_module
+import fastedge.upstream.resilient_tier as resilient_tier_module
 from fastedge.config import parse_config
 from fastedge.gateway import Target, Upstream
 from fastedge.server import ProxyServer
@@ -172,10 +173,12 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """A :class:`FakeClock` read by ``fastedge.gateway`` (candidates, breaker_state,
-    report's outlier detection, the retry budget) and the registry's gauges."""
+    report's outlier detection, the retry budget), the lane's ``ResilientTier`` and the
+    registry's gauges."""
     fake = FakeClock()
     shim = SimpleNamespace(monotonic=fake.monotonic)
     monkeypatch.setattr(gateway_module, "time", shim)
+    monkeypatch.setattr(resilient_tier_module, "time", shim)  # the lane's ResilientTier
     monkeypatch.setattr(registry_module, "time", shim)
     return fake
 

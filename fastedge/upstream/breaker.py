@@ -62,7 +62,8 @@ class RollingCounts:
         self._totals = [0] * buckets
         self._hits = [0] * buckets
 
-    def add(self, now: float, total: int = 1, hits: int = 0) -> None:
+    # Type comments, not annotations: the .pxd gives these C types (so for the others).
+    def add(self, now, total=1, hits=0):  # type: (float, int, int) -> None
         """Count ``total`` events, ``hits`` of them hits, at time ``now``."""
         epoch = int(now // self._width)
         slot = epoch % self._n
@@ -159,7 +160,7 @@ class CircuitBreaker:
         breaker whose time is up reports ``"open"`` until the next ``allow()``)."""
         return self._state
 
-    def allow(self, now: float | None = None) -> bool:
+    def allow(self, now=None):  # type: (float | None) -> bool
         """Whether a request may go to the target now. A ``True`` in half-open takes one
         probe slot, to be given back by :meth:`record` or :meth:`abandon`."""
         state = self._state
@@ -185,23 +186,30 @@ class CircuitBreaker:
     ) -> None:
         """The outcome of a request that :meth:`allow` let through (``generation``: the
         breaker's :attr:`generation` when it was allowed; stale results are ignored)."""
-        if generation is not None and generation != self.generation:
+        self.record_outcome(
+            success,
+            self._clock() if now is None else now,
+            self.generation if generation is None else generation,
+        )
+
+    def record_outcome(self, success, now, generation):  # type: (bool, float, int) -> None
+        """:meth:`record` with every argument given (a C call for the compiled callers:
+        the express lane reports each attempt through it)."""
+        if generation != self.generation:
             return
         state = self._state
-        if now is None:
-            now = self._clock()
         if state == "closed":
             counts = self._counts
             counts.add(now, 1, 0 if success else 1)
             if not success:
                 total, failures = counts.sums(now)
                 if total >= self.min_requests and failures >= self.failure_ratio * total:
-                    self._trip(now, grow=False)
+                    self._trip(now, False)
         elif state == "half_open":
             if self._probes_inflight > 0:
                 self._probes_inflight -= 1
             if not success:
-                self._trip(now, grow=True)
+                self._trip(now, True)
                 return
             self._probe_successes += 1
             if self._probe_successes >= self.half_open_probes:
@@ -250,7 +258,7 @@ class CircuitBreaker:
             "probes_inflight": self._probes_inflight,
         }
 
-    def _trip(self, now: float, *, grow: bool) -> None:
+    def _trip(self, now, grow):  # type: (float, bool) -> None
         if grow:  # a failed probe: the target is still down, back off longer
             self._open_for_now = min(self._open_for_now * 2, self.open_for_max)
         self._state = "open"
