@@ -348,15 +348,11 @@ class Upstream:
         self.resilient = resilient
         self.express_health = checker.states if checked_only and checker is not None else None
         self.express_tier = balancer.balancers[0] if checked_only else None
-        # Any other resilient upstream with one tier of round robin: express_attempt()
-        # in C (fastedge/upstream/resilient_tier.py).
+        # A resilient upstream with one tier of round robin (health checks only
+        # included): express_attempt() and express_pick() in C
+        # (fastedge/upstream/resilient_tier.py).
         self.express_resilient = None
-        if (
-            resilient
-            and not checked_only
-            and cfg.balance == "round_robin"
-            and len({t.priority for t in targets}) == 1
-        ):
+        if resilient and cfg.balance == "round_robin" and len({t.priority for t in targets}) == 1:
             states = [checker.state(t) if checker is not None else None for t in targets]
             self.express_resilient = ResilientTier(self, targets, balancer, states)
         # Plain enough for the express lane: a synchronous pick (the balancer's, or for a
@@ -510,15 +506,11 @@ class Upstream:
         set): exactly ``candidates(None)[0]``, and ``None`` when that is empty, without
         building the failover list. The round robin advances only when some target is
         healthy, as in :meth:`PriorityGroups.candidates`."""
-        health = self.express_health
-        assert health is not None
-        # After an unhealthy pick the failover order is the tier's list order, so the
-        # answer is then the first healthy target.
-        fallback = next((t for t in self.targets if health[t].healthy), None)
-        if fallback is None:
-            return None  # none healthy: the general path answers (503, no panic mode)
-        first: Target = self.express_tier.pick()
-        return first if health[first].healthy else fallback
+        tier = self.express_resilient
+        assert tier is not None and self.express_health is not None
+        # Without breakers every candidate is admitted (generation 0): the first.
+        found = tier.attempt()
+        return None if found is None else found[0]
 
     def express_attempt(self, key: bytes | None = None) -> tuple[Target, int] | None:
         """The express lane's first attempt on a resilient upstream: the first of
@@ -545,8 +537,8 @@ class Upstream:
         one, every time)."""
         if generation > -1:
             self.abandon(target, generation)
-        balancer = self.express_tier if self.express_health is not None else self.balancer
-        balancer.unpick()
+        # A resilient upstream's PriorityGroups passes it to the tier it picked from.
+        self.balancer.unpick()
 
     def record_request(self) -> None:
         """One original request arrived (the retry budget's denominator)."""

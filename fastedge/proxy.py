@@ -873,15 +873,11 @@ class ClientConnection:
                 target = upstream.balancer.candidates(self._express_key(upstream, req))[0]
             else:
                 target = upstream.balancer.pick()
-        elif upstream.express_health is not None:
-            # Health checks only: the pick among healthy targets (candidates()[0]).
-            target = upstream.express_pick()
-            if target is None:
-                return False  # none healthy: the general path answers
-            gen = 0
         else:
             tier = upstream.express_resilient
-            if tier is not None:  # one tier of round robin: the same choice, in C
+            if tier is not None:
+                # One tier of round robin: express_attempt's choice, in C (with health
+                # checks only, express_pick's: every target admitted, generation 0).
                 attempt = tier.attempt()
             else:
                 attempt = upstream.express_attempt(
