@@ -30,7 +30,7 @@ cdef class ExpressSettings:
     cdef public Metrics metrics
     cdef public bint enabled, access_log, keepalive_off
     cdef public bytes via
-    cdef public Py_ssize_t max_head, max_uri
+    cdef public Py_ssize_t max_head, max_uri, max_body
     cdef public int max_headers
     cdef public long max_requests
     cdef public double horizon, keepalive

@@ -98,8 +98,9 @@ _TRACE_FIELDS = frozenset({b"traceparent", b"tracestate"})
 # The express lane's methods as metrics and logs spell them.
 # The client's Host, dropped on the lane for an upstream with its own host_header.
 _HOST_ONLY = (b"host",)
+# With a body, content-length moves too: Exchange.start appends it after the Host.
+_HOST_AND_LENGTH = (b"host", b"content-length")
 
-_METHOD_NAMES = {b"GET": "GET", b"HEAD": "HEAD"}
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -301,6 +302,7 @@ class ExpressSettings:
         "keepalive_off",
         "loop_time",
         "match",
+        "max_body",
         "max_head",
         "max_headers",
         "max_requests",
@@ -318,6 +320,8 @@ class ExpressSettings:
         self.max_head = gw.limits.max_head_bytes
         self.max_uri = gw.limits.max_uri_bytes
         self.max_headers = gw.limits.max_headers
+        body_cap = gw.limits.max_body_bytes
+        self.max_body = -1 if body_cap is None else body_cap  # -1: no limit
         # The shortest upstream response timeout: how soon an express request may time out.
         self.horizon = gw.express_horizon
         self.max_requests = gw.max_requests_per_connection  # 0: unlimited
@@ -820,14 +824,11 @@ class ClientConnection:
             lane.max_head,
             lane.max_uri,
             lane.max_headers,
+            lane.max_body,
         )
         if req is None:
             return False
-        found = lane.match(
-            req.path.decode("latin-1"),
-            req.host.decode("latin-1"),
-            "GET" if len(req.method) == 3 else "HEAD",
-        )
+        found = lane.match(req.path.decode("latin-1"), req.host.decode("latin-1"), req.method_name)
         if found is None:
             return False
         plan = found[0]
@@ -837,7 +838,8 @@ class ClientConnection:
             # A lone filter answering from memory (a fresh cache hit), or the general path
             # (a traced request's span would need it too).
             answer = plan.answer
-            if answer is None or tracer is not None:
+            if answer is None or tracer is not None or not req.get_or_head or req.body_length:
+                # (A cache answers GET and HEAD; any other method may invalidate it.)
                 return False
             reply = answer(req, self.proto, plan.upstream)
             if reply is None:
@@ -906,9 +908,14 @@ class ClientConnection:
             host_field = upstream.host_field
             if host_field is not None:
                 # The upstream's own Host (Exchange.start): the client's is dropped and
-                # ours follows the request id, before the trace context and the
-                # filters' fields.
-                drop = _HOST_ONLY if drop is None else drop + _HOST_ONLY
+                # ours follows the request id (then the content-length, when there is
+                # one), before the trace context and the filters' fields.
+                length = req.length_field
+                if length is None:
+                    drop = _HOST_ONLY if drop is None else drop + _HOST_ONLY
+                else:
+                    host_field = host_field + length
+                    drop = _HOST_AND_LENGTH if drop is None else drop + _HOST_AND_LENGTH
                 extra = host_field if extra is None else host_field + extra
             if gen > -1 and upstream.verdicts:
                 # The retry budget's denominator (forward()).
@@ -965,7 +972,7 @@ class ClientConnection:
             or lane.keepalive_off
             or (lane.max_requests > 0 and self.requests >= lane.max_requests)
         )
-        found = scan_response_start(data, len(req.method) == 4, lane.via, req.request_id, close)
+        found = scan_response_start(data, req.is_head, lane.via, req.request_id, close)
         if found is None:
             self.express_promote().on_upstream_data(data)
             return
@@ -1074,7 +1081,7 @@ class ClientConnection:
                 balancer.release(target)
                 if upstream.balance == "p2c_ewma":
                     balancer.observe(target, elapsed)
-        plan.stats.observe("GET" if len(req.method) == 3 else "HEAD", status, elapsed, elapsed)
+        plan.stats.observe(req.method_name, status, elapsed, elapsed)
         if lane.access_log:
             self._express_log(
                 req,
@@ -1110,7 +1117,7 @@ class ClientConnection:
             or (lane.max_requests > 0 and self.requests >= lane.max_requests)
         )
         # The codec's framing: no body for HEAD, 1xx, 204 and 304.
-        send_body = len(req.method) == 3 and status >= 200 and status != 204 and status != 304
+        send_body = not req.is_head and status >= 200 and status != 204 and status != 304
         transport = self.transport
         assert transport is not None
         transport.write(
@@ -1125,7 +1132,7 @@ class ClientConnection:
             )
         )
         elapsed = perf_counter() - start
-        plan.stats.observe("GET" if len(req.method) == 3 else "HEAD", status, elapsed, None)
+        plan.stats.observe(req.method_name, status, elapsed, None)
         if lane.access_log:
             self._express_log(req, plan, None, status, len(body), elapsed, None, None)
         if close:
@@ -1157,13 +1164,13 @@ class ClientConnection:
             {
                 "request_id": req.request_id.decode(),
                 "client": self.client_ip.decode(),
-                "method": _METHOD_NAMES[req.method],
+                "method": req.method_name,
                 "path": req.target.decode("latin-1"),
                 "route": plan.name,
                 "upstream": plan.upstream.name,
                 "target": target,
                 "status": status,
-                "bytes_in": 0,
+                "bytes_in": req.body_length,
                 "bytes_out": bytes_out,
                 "duration_ms": round(elapsed * 1000, 3),
                 "upstream_ms": round(upstream_s * 1000, 3) if upstream_s else None,
@@ -1233,6 +1240,7 @@ class ClientConnection:
         ex.up_headers = headers
         ex.request_complete = True
         ex.request_sent = True
+        ex.bytes_in = req.body_length  # the body went with the head
         ex.reused = True
         ex.up = up
         up.exchange = ex

@@ -622,7 +622,7 @@ def _get(target: bytes, fields: bytes, method: bytes = b"GET") -> tuple[bytes, b
 
 
 REFUSED: list[tuple[bytes, bytes]] = [
-    _get(b"/r1", b"Host: example.test\r\nContent-Length: 0\r\nX-Request-Id: r-1\r\n"),
+    _get(b"/r1", b"Host: example.test\r\nContent-Length: 0, 0\r\nX-Request-Id: r-1\r\n"),
     _get(b"/r2", b"Host: example.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"),
     _get(b"/r3", b"Host: example.test\r\nExpect: 100-continue\r\nX-Request-Id: r-3\r\n"),
     _get(b"/r4", b"Host: example.test\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"),
@@ -631,8 +631,8 @@ REFUSED: list[tuple[bytes, bytes]] = [
     _get(b"/r7", b"Host: example.test\r\nX-Utf8: caf\xc3\xa9\r\n"),
     _get(b"/r8", b"Host: example.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"),
     _get(b"http://example.test/r9", b"Host: example.test\r\n"),
-    _get(b"/r10", b"Host: example.test\r\n", method=b"OPTIONS"),
-    _get(b"/r11", b"Host: example.test\r\n", method=b"DELETE"),
+    _get(b"/r10", b"Host: example.test\r\n", method=b"PROPFIND"),
+    _get(b"/r11", b"Host: example.test\r\n", method=b"TRACE"),
     (b"GET /r12 HTTP/1.0\r\nHost: example.test\r\nX-Request-Id: r-12\r\n\r\n", b"GET"),
     _get(b"/r13", b"Host: example.test\r\nConnection: close, keep-alive\r\n"),
     _get(b"/r14", b"Host: a.test\r\nHost: b.test\r\n"),  # 400, closes
@@ -654,6 +654,21 @@ async def test_parity_for_requests_the_lane_refuses(
     assert (express.served, express.promoted) == (0, 0)
     statuses = [r.status for r in express.responses]
     assert 400 in statuses and 200 in statuses
+
+
+async def test_bodiless_requests_of_other_methods_take_the_lane(
+    make_proxy: MakeProxy, new_origin: Callable[[], Awaitable[ScriptedOrigin]]
+) -> None:
+    """OPTIONS, DELETE and a GET with ``Content-Length: 0`` (refused before session 17;
+    tests/test_express_body.py has the requests with bodies): on the lane, same bytes."""
+    reqs = [
+        _get(b"/m1", b"Host: example.test\r\nContent-Length: 0\r\nX-Request-Id: m-1\r\n"),
+        _get(b"/m2", b"Host: example.test\r\nX-Request-Id: m-2\r\n", method=b"OPTIONS"),
+        _get(b"/m3", b"Host: example.test\r\nX-Request-Id: m-3\r\n", method=b"DELETE"),
+    ]
+    express, _ = await both(make_proxy, new_origin, reqs)
+    assert (express.served, express.promoted) == (3, 0)
+    assert [r.status for r in express.responses] == [200, 200, 200]
 
 
 async def test_chunked_then_a_tab_is_refused_not_relayed_raw(

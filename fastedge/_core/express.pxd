@@ -4,10 +4,14 @@
 
 cdef class ExpressRequest:
     cdef readonly bytes method, target, path, query, host, request_id, data
-    cdef readonly bint keep_alive, cache_sensitive, traced
+    cdef readonly str method_name  # method, decoded
+    cdef readonly bint keep_alive, cache_sensitive, traced, is_head, get_or_head
     cdef readonly object authorization  # bytes, or None (absent or sent twice)
+    cdef readonly object length_field  # the content-length line, or None (no such field)
+    cdef readonly Py_ssize_t body_length
     cdef bytes _block  # the rewritten fields, each ending in CRLF
     cdef Py_ssize_t _fields_at  # where the first field line starts in data
+    cdef Py_ssize_t _head_end  # where the body starts in data
 
 
 cpdef ExpressRequest scan_request(
@@ -18,6 +22,7 @@ cpdef ExpressRequest scan_request(
     Py_ssize_t max_head,
     Py_ssize_t max_uri,
     int max_headers,
+    Py_ssize_t max_body=*,
 )
 cpdef tuple scan_response(bytes data, bint head_request, bytes via, bytes request_id, bint close)
 cpdef tuple scan_response_start(bytes data, bint head_request, bytes via, bytes request_id, bint close)

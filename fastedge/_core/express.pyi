@@ -2,9 +2,10 @@
 is the readable specification (full acceptance rules in its docstring) and behaves
 identically.
 
-The scanners accept only the commonest exchange, whole in one read: a simple GET/HEAD
-request head and a simple response with a ``Content-Length`` body (or none). Anything
-else returns ``None`` and the proxy takes its general path. What they accept becomes
+The scanners accept only the commonest exchange: a simple request whole in one read (a
+head, and a ``Content-Length`` body) and a simple response (a ``Content-Length`` or
+chunked body, or none). Anything else returns ``None`` and the proxy takes its general
+path. What they accept becomes
 exactly the bytes the general path (``FastServerCodec``/``FastClientCodec`` and
 ``fastedge.http.headers``) would send.
 """
@@ -37,7 +38,7 @@ class ExpressRequest:
 
     @property
     def method(self) -> bytes:
-        """``b"GET"`` or ``b"HEAD"``."""
+        """One of ``GET HEAD POST PUT PATCH DELETE OPTIONS``."""
     @property
     def target(self) -> bytes:
         """The request-target as sent (origin-form)."""
@@ -71,6 +72,25 @@ class ExpressRequest:
     @property
     def traced(self) -> bool:
         """A ``traceparent`` or ``tracestate`` field was sent (kept like any other)."""
+    @property
+    def method_name(self) -> str:
+        """``method``, decoded."""
+    @property
+    def is_head(self) -> bool:
+        """``method`` is ``HEAD`` (no response body follows)."""
+    @property
+    def get_or_head(self) -> bool:
+        """``method`` is ``GET`` or ``HEAD`` (what a cache may answer)."""
+    @property
+    def body_length(self) -> int:
+        """The ``Content-Length`` (0 without one)."""
+    @property
+    def length_field(self) -> bytes | None:
+        """The ``content-length`` line the rewritten fields end with (re-emitted from the
+        number), or ``None`` without that field."""
+    @property
+    def body(self) -> bytes:
+        """The body: the ``body_length`` bytes of ``data`` after the head."""
     def compose(
         self, target: bytes, drop: tuple[bytes, ...] | None = None, extra: bytes | None = None
     ) -> bytes:
@@ -78,8 +98,8 @@ class ExpressRequest:
         rewritten fields (hop-by-hop ones dropped; ``x-forwarded-for``,
         ``x-forwarded-proto``, ``x-forwarded-host``, ``via``, ``x-request-id`` appended)
         except those named in ``drop`` (lower-case names), then ``extra`` (whole field
-        lines, each ending in CRLF: what an auth policy or a tracer adds) and the blank
-        line."""
+        lines, each ending in CRLF: what an auth policy or a tracer adds), the blank
+        line and the body."""
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """Every field as the codec would report it: ``(lower-cased name, trimmed value)``
@@ -93,11 +113,14 @@ def scan_request(
     max_head: int,
     max_uri: int,
     max_headers: int,
+    max_body: int = -1,
 ) -> ExpressRequest | None:
-    """An :class:`ExpressRequest` when ``data`` is exactly one simple GET/HEAD head within
-    the limits (head bytes, target bytes, field count, the latter capped at 100), else
-    ``None``. ``client_ip``/``proto`` feed ``X-Forwarded-For``/``-Proto``; ``via`` is this
-    hop's ``Via`` entry."""
+    """An :class:`ExpressRequest` when ``data`` is exactly one simple request (``GET``,
+    ``HEAD``, ``POST``, ``PUT``, ``PATCH``, ``DELETE`` or ``OPTIONS``; a ``Content-Length``
+    body whole, or none) within the limits (head bytes, target bytes, field count, the
+    latter capped at 100; body bytes unless ``max_body`` < 0), else ``None``.
+    ``client_ip``/``proto`` feed ``X-Forwarded-For``/``-Proto``; ``via`` is this hop's
+    ``Via`` entry."""
 
 def scan_response(
     data: bytes, head_request: bool, via: bytes, request_id: bytes, close: bool

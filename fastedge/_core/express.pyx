@@ -3,12 +3,12 @@
 
 The proxy's general path parses with llhttp through Python callbacks, builds a header
 list, rewrites it and serialises it again: about 40% of its instructions per request. For
-the commonest exchange (a GET or HEAD head that arrives whole, answered by a response with
-a ``Content-Length`` body that arrives whole) these two functions do the same work on the
-raw bytes: validate, rewrite the fields and write the bytes to send, with a handful of
+the commonest exchange (a request that arrives whole, head and ``Content-Length`` body,
+answered by a response with a ``Content-Length`` or chunked body) these functions do the
+same work on the raw bytes: validate, rewrite the fields and write the bytes to send, with a handful of
 allocations.
 
-They are deliberately *conservative*: anything unusual (a body, an upgrade, an odd
+They are deliberately *conservative*: anything unusual (a chunked request, an upgrade, an odd
 ``Connection``, a byte outside the plain sets, a message split across reads) returns
 ``None`` and the proxy takes its general path, which gives the exact answer. What they do
 accept they must turn into exactly the bytes the general path would send; the pure-Python
@@ -129,8 +129,10 @@ cdef int _request_kind(const unsigned char* p, Py_ssize_t n) noexcept nogil:
         return K_HOST
     if n == 15 and _is(p, n, b"x-forwarded-for", 15):
         return K_XFF
-    if _is(p, n, b"content-length", 14) or _is(p, n, b"expect", 6):
-        return K_REFUSE  # a body, or 100-continue: the general path's
+    if _is(p, n, b"content-length", 14):
+        return K_CL  # a body, whole in this read: forwarded after the head
+    if _is(p, n, b"expect", 6):
+        return K_REFUSE  # 100-continue: the general path's
     cdef int kind = _hop_kind(p, n)
     if kind != K_OTHER:
         return kind
@@ -418,7 +420,14 @@ def new_root_trace(object bound not None):
 # --------------------------------------------------------------------------------------
 cdef bytes _GET = b"GET"
 cdef bytes _HEAD = b"HEAD"
+cdef bytes _POST = b"POST"
+cdef bytes _PUT = b"PUT"
+cdef bytes _PATCH = b"PATCH"
+cdef bytes _DELETE = b"DELETE"
+cdef bytes _OPTIONS = b"OPTIONS"
 cdef bytes _EMPTY = b""
+cdef enum:
+    MAX_CONTENT_LENGTH_DIGITS = 15  # below 2**53: no C overflow, as llhttp reads it
 
 
 cdef class ExpressRequest:
@@ -436,12 +445,13 @@ cdef class ExpressRequest:
         cdef Py_ssize_t tlen = PyBytes_GET_SIZE(target)
         cdef Py_ssize_t blen = PyBytes_GET_SIZE(self._block)
         cdef Py_ssize_t xlen = 0 if extra is None else PyBytes_GET_SIZE(extra)
+        cdef Py_ssize_t body = self.body_length
         cdef object name
         if drop:
             for name in drop:
                 if type(name) is not bytes:
                     raise TypeError("compose(): drop holds field names as bytes")
-        cdef bytes out = PyBytes_FromStringAndSize(NULL, mlen + tlen + blen + xlen + 14)
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, mlen + tlen + blen + xlen + body + 14)
         cdef char* start = PyBytes_AS_STRING(out)
         cdef char* w = start
         w = _put(w, PyBytes_AS_STRING(self.method), mlen)
@@ -456,14 +466,17 @@ cdef class ExpressRequest:
             w = _put(w, PyBytes_AS_STRING(extra), xlen)
         w[0] = 13
         w[1] = 10
+        w += 2
+        if body:  # the body, whole (scan_request checked its length)
+            w = _put(w, PyBytes_AS_STRING(self.data) + self._head_end, body)
         cdef PyObject* raw
-        if w + 2 - start != PyBytes_GET_SIZE(out):
+        if w - start != PyBytes_GET_SIZE(out):
             # Lines were dropped: the bytes object is still private (one reference), so
             # shrink it in place rather than copy a slice.
             raw = <PyObject*>out
             Py_INCREF(out)  # raw's reference; then out lets go of its own
             out = None
-            _PyBytes_Resize(&raw, w + 2 - start)  # on failure raw is freed and NULL
+            _PyBytes_Resize(&raw, w - start)  # on failure raw is freed and NULL
             out = <object>raw
             Py_DECREF(out)  # raw's reference is now out's
         return out
@@ -479,7 +492,7 @@ cdef class ExpressRequest:
         cdef list out = []
         cdef bytes name
         cdef Field* f
-        if _fields(p, self._fields_at, end, fields, MAX_FIELDS, &count) != end:
+        if _fields(p, self._fields_at, end, fields, MAX_FIELDS, &count) != self._head_end:
             raise AssertionError("express request fields no longer scan")
         for i in range(count):
             f = &fields[i]
@@ -489,6 +502,11 @@ cdef class ExpressRequest:
                 (name, PyBytes_FromStringAndSize(<const char*>p + f.value, f.value_len))
             )
         return out
+
+    @property
+    def body(self):
+        """The request body (``b""`` without one): ``body_length`` bytes after the head."""
+        return self.data[self._head_end:]
 
 
 # cpdef: the compiled proxy calls both scanners as C functions (express.pxd).
@@ -500,9 +518,11 @@ cpdef ExpressRequest scan_request(
     Py_ssize_t max_head,
     Py_ssize_t max_uri,
     int max_headers,
+    Py_ssize_t max_body=-1,
 ):
-    """An :class:`ExpressRequest` when ``data`` is exactly one simple GET/HEAD head, else
-    ``None`` (see the module docstring and ``express_py.scan_request``)."""
+    """An :class:`ExpressRequest` when ``data`` is exactly one simple request (a head,
+    and its ``Content-Length`` body whole), else ``None`` (see the module docstring and
+    ``express_py.scan_request``)."""
     if data is None or client_ip is None or proto is None or via is None:
         raise TypeError("scan_request() takes bytes, not None")
     cdef Field fields[MAX_FIELDS]
@@ -511,18 +531,45 @@ cpdef ExpressRequest scan_request(
     cdef Py_ssize_t pos, tstart, tend, qpos = -1, head_end, size, i
     cdef int count = 0, kind, limit
     cdef int host_i = -1, xff_i = -1, via_i = -1, rid_i = -1, auth_i = -1, auths = 0
+    cdef int cl_i = -1, cl_digits = 0
+    cdef Py_ssize_t cl = 0
     cdef bint close = False, close_named = False, valid, cache_sensitive = False
     cdef bint traced = False
     cdef bytes method
+    cdef str method_name
     cdef Field* f
-    if end > max_head or end < 18:
+    if end < 18:
         return None
+    # RFC 9110 §9.3's methods but CONNECT and TRACE (the general path refuses or
+    # answers those); any other token is the general path's.
     if memcmp(p, b"GET ", 4) == 0:
         method = _GET
+        method_name = "GET"
         pos = 4
     elif memcmp(p, b"HEAD ", 5) == 0:
         method = _HEAD
+        method_name = "HEAD"
         pos = 5
+    elif memcmp(p, b"POST ", 5) == 0:
+        method = _POST
+        method_name = "POST"
+        pos = 5
+    elif memcmp(p, b"PUT ", 4) == 0:
+        method = _PUT
+        method_name = "PUT"
+        pos = 4
+    elif memcmp(p, b"PATCH ", 6) == 0:
+        method = _PATCH
+        method_name = "PATCH"
+        pos = 6
+    elif memcmp(p, b"DELETE ", 7) == 0:
+        method = _DELETE
+        method_name = "DELETE"
+        pos = 7
+    elif memcmp(p, b"OPTIONS ", 8) == 0:
+        method = _OPTIONS
+        method_name = "OPTIONS"
+        pos = 8
     else:
         return None
     tstart = pos
@@ -540,7 +587,7 @@ cpdef ExpressRequest scan_request(
         limit = 0
     cdef Py_ssize_t fields_at = pos + 11
     head_end = _fields(p, fields_at, end, fields, limit, &count)
-    if head_end != end:  # malformed, or bytes after the head (a body, a pipelined request)
+    if head_end < 0 or head_end > max_head:  # malformed, or over the head limit (431)
         return None
     size = 0
     for i in range(count):
@@ -582,16 +629,37 @@ cpdef ExpressRequest scan_request(
                         break
                 if valid:
                     rid_i = i
+        elif kind == K_CL:
+            # 1-15 ASCII digits, once: anything else (a list, a sign, a second field)
+            # is the general path's 400.
+            if cl_i >= 0 or f.value_len == 0 or f.value_len > MAX_CONTENT_LENGTH_DIGITS:
+                return None
+            for pos in range(f.value, f.value + f.value_len):
+                if p[pos] < 48 or p[pos] > 57:
+                    return None
+                cl = cl * 10 + (p[pos] - 48)
+            cl_i = i
         elif kind == K_REFUSE:
             return None
+    # The body is exactly the rest of the read (none without Content-Length): anything
+    # else is a body still to come, or a pipelined request.
+    if end - head_end != cl:
+        return None
+    if cl_i >= 0 and 0 <= max_body < cl:
+        return None  # the general path's 413
     if host_i < 0 or (close and close_named):
         # No Host (the general path answers 400), or "Connection: close" nominating a
         # field that is also present: the general path drops it; leave that to it.
         return None
     cdef ExpressRequest req = ExpressRequest.__new__(ExpressRequest)
     req.method = method
+    req.method_name = method_name
+    req.is_head = method is _HEAD
+    req.get_or_head = method is _GET or method is _HEAD
     req.data = data
     req._fields_at = fields_at
+    req._head_end = head_end
+    req.body_length = cl
     req.keep_alive = not close
     req.cache_sensitive = cache_sensitive
     req.traced = traced
@@ -625,6 +693,13 @@ cpdef ExpressRequest scan_request(
     if via_i >= 0:
         size += fields[via_i].value_len + 2
     size += 14 + ridlen + 2  # x-request-id
+    if cl_i >= 0:  # content-length, re-emitted from the parsed number (Exchange.start)
+        cl_digits = 1
+        pos = cl
+        while pos >= 10:
+            pos //= 10
+            cl_digits += 1
+        size += 16 + cl_digits + 2
     cdef bytes block = PyBytes_FromStringAndSize(NULL, size)
     cdef char* w = PyBytes_AS_STRING(block)
     for i in range(count):
@@ -649,6 +724,18 @@ cpdef ExpressRequest scan_request(
     w = _put(w, PyBytes_AS_STRING(req.request_id), ridlen)
     w[0] = 13
     w[1] = 10
+    w += 2
+    if cl_i >= 0:
+        w = _put(w, b"content-length: ", 16)
+        pos = cl
+        for i in range(cl_digits - 1, -1, -1):
+            w[i] = <char>(48 + pos % 10)
+            pos //= 10
+        w[cl_digits] = 13
+        w[cl_digits + 1] = 10
+        # The same line on its own, for a caller that must move it (an upstream's own
+        # Host goes before it).
+        req.length_field = PyBytes_FromStringAndSize(w - 16, 16 + cl_digits + 2)
     req._block = block
     return req
 

@@ -1,8 +1,8 @@
 """The express lane's scanners, pure-Python twin of ``express.pyx``: the readable specification.
 
 The express lane serves the commonest exchange without the general path's machinery: one
-complete, simple GET/HEAD request head that arrived in one read, answered by one complete,
-simple response that arrived in one read. The scanners validate the raw bytes, rewrite the
+complete, simple request that arrived in one read (a head, and a ``Content-Length`` body
+whole), answered by one simple response. The scanners validate the raw bytes, rewrite the
 fields as :mod:`fastedge.http.headers` would and write the bytes to send.
 
 They are *conservative*: anything unusual returns ``None`` and the proxy takes its general
@@ -21,14 +21,21 @@ and they never accept bytes that llhttp would refuse or read differently.
 
 Accepted request heads (:func:`scan_request`; anything else gives ``None``):
 
-* ``data`` is at most ``max_head`` bytes and is exactly one head: the request line, the
-  field lines and the blank line, nothing after it (no body, no pipelined request).
-* Request line: ``GET`` or ``HEAD``, one SP, an origin-form target of at most ``max_uri``
+* ``data`` is exactly one request: a head of at most ``max_head`` bytes (the request line,
+  the field lines and the blank line), then exactly ``Content-Length`` bytes of body
+  (none without that field), nothing after it (no pipelined request, no body still to
+  come).
+* Request line: ``GET``, ``HEAD``, ``POST``, ``PUT``, ``PATCH``, ``DELETE`` or
+  ``OPTIONS``, one SP, an origin-form target of at most ``max_uri``
   bytes drawn from ``A-Z a-z 0-9 - . _ ~ ! $ & ' ( ) * + , ; = : @ / ? %``, one SP,
   ``HTTP/1.1``.
 * At most ``min(max_headers, 100)`` field lines (see :func:`_parse_field` for their syntax).
-* ``host``: exactly one, non-empty. ``content-length``, ``transfer-encoding``, ``upgrade``,
-  ``expect``: refused (a body, an upgrade or a 100-continue is the general path's job).
+* ``host``: exactly one, non-empty. ``transfer-encoding``, ``upgrade``, ``expect``:
+  refused (a chunked body, an upgrade or a 100-continue is the general path's job).
+* ``content-length``: at most one, 1-15 ASCII digits, at most ``max_body`` (when that is
+  not negative: over it the general path answers 413). Dropped from its place and
+  re-emitted from the number (no leading zeros) after ``x-request-id``, as
+  ``Exchange.start`` does; the body follows the head unchanged.
 * ``connection``: each exactly ``keep-alive`` or ``close`` (any case); ``close`` makes
   ``keep_alive`` false. With ``close``, a field *named* ``close`` is refused: the general
   path drops the fields a ``Connection`` value nominates (RFC 9110 §7.6.1).
@@ -146,13 +153,18 @@ _CRLF: Final = b"\r\n"
 _HEAD_END: Final = b"\r\n\r\n"
 _GET: Final = b"GET"
 _HEAD: Final = b"HEAD"
+_METHODS: Final = {
+    m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
+}
+"""RFC 9110 §9.3's methods but CONNECT and TRACE (the general path refuses or answers
+those); any other token is the general path's."""
+_MAX_CONTENT_LENGTH_DIGITS: Final = 15
+"""Below 2**53: no overflow in the compiled scanner, as llhttp reads it."""
 _VERSION: Final = b"HTTP/1.1"
 _KEEP_ALIVE: Final = b"keep-alive"
 _CLOSE: Final = b"close"
 
-_REQUEST_REFUSED: Final = frozenset(
-    (b"content-length", b"transfer-encoding", b"upgrade", b"expect")
-)
+_REQUEST_REFUSED: Final = frozenset((b"transfer-encoding", b"upgrade", b"expect"))
 _REQUEST_DROPPED: Final = frozenset(
     (b"keep-alive", b"te", b"trailer", b"x-forwarded-proto", b"x-forwarded-host")
 )
@@ -238,7 +250,7 @@ class ExpressRequest:
     """
 
     method: bytes
-    """``b"GET"`` or ``b"HEAD"``."""
+    """One of ``GET HEAD POST PUT PATCH DELETE OPTIONS``."""
     target: bytes
     """The request-target as sent (origin-form)."""
     path: bytes
@@ -262,20 +274,39 @@ class ExpressRequest:
     """The ``Authorization`` value when exactly one was sent, else ``None``."""
     traced: bool = False
     """A ``traceparent`` or ``tracestate`` field was sent."""
+    method_name: str = "GET"
+    """``method``, decoded."""
+    is_head: bool = False
+    """``method`` is ``HEAD`` (no response body follows)."""
+    get_or_head: bool = True
+    """``method`` is ``GET`` or ``HEAD`` (what a cache may answer)."""
+    body_length: int = 0
+    """The ``Content-Length`` (0 without one): the body is the rest of ``data``."""
+    length_field: bytes | None = None
+    """The ``content-length`` line the block ends with, or ``None`` without one."""
+    _head_end: int = field(default=0, repr=False)
+    """Where the body starts in ``data``."""
+
+    @property
+    def body(self) -> bytes:
+        """The request body (``b""`` without one)."""
+        return self.data[self._head_end :]
 
     def compose(
         self, target: bytes, drop: tuple[bytes, ...] | None = None, extra: bytes | None = None
     ) -> bytes:
-        """The upstream request head for ``target``: ``METHOD target HTTP/1.1``, the
+        """The upstream request for ``target``: ``METHOD target HTTP/1.1``, the
         rewritten fields except those named in ``drop`` (lower-case names), ``extra``
-        (field lines, each ending in CRLF) and the blank line."""
+        (field lines, each ending in CRLF), the blank line and the body."""
         block = self._block
         if drop and any(type(name) is not bytes for name in drop):
             raise TypeError("compose(): drop holds field names as bytes")
         if drop:
             lines = block.split(_CRLF)[:-1]
             block = b"".join(line + _CRLF for line in lines if line.partition(b":")[0] not in drop)
-        return b"".join((self.method, b" ", target, b" HTTP/1.1\r\n", block, extra or b"", _CRLF))
+        return b"".join(
+            (self.method, b" ", target, b" HTTP/1.1\r\n", block, extra or b"", _CRLF, self.body)
+        )
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """Every field as the codec would report it: ``(lower-cased name, trimmed value)``
@@ -295,28 +326,29 @@ def scan_request(
     max_head: int,
     max_uri: int,
     max_headers: int,
+    max_body: int = -1,
 ) -> ExpressRequest | None:
-    """An :class:`ExpressRequest` when ``data`` is exactly one simple GET/HEAD head (see
-    the module docstring), else ``None``.
+    """An :class:`ExpressRequest` when ``data`` is exactly one simple request, a head and
+    its ``Content-Length`` body whole (see the module docstring), else ``None``.
 
     ``client_ip``, ``proto`` and ``via`` feed ``X-Forwarded-For``/``-Proto`` and this hop's
     ``Via`` entry; the limits are the server's
-    :class:`~fastedge.http.engine.Limits` (head bytes, target bytes, field count).
+    :class:`~fastedge.http.engine.Limits` (head bytes, target bytes, field count, body
+    bytes: ``max_body`` < 0 for none).
     """
-    if len(data) > max_head:
-        return None
     split = _split_head(data)
     if split is None:
         return None
     lines, head_end = split
-    if head_end != len(data):  # a body or a pipelined request follows
+    if head_end > max_head:
         return None
 
     parts = lines[0].split(b" ")
     if len(parts) != 3:
         return None
     method, target, version = parts
-    if method != _GET and method != _HEAD:
+    method_name = _METHODS.get(method)
+    if method_name is None:
         return None
     if version != _VERSION or len(target) > max_uri:
         return None
@@ -337,6 +369,7 @@ def scan_request(
     cache_sensitive = False
     authorization: list[bytes] = []
     traced = False
+    length: int | None = None
     for name, value in fields:
         if name == b"host":
             if host is not None or not value:
@@ -366,6 +399,15 @@ def scan_request(
             if request_id is None and _valid_request_id(value):
                 request_id = value
             continue
+        elif name == b"content-length":
+            # 1-15 ASCII digits, once: anything else (a list, a sign, a second field)
+            # is the general path's 400. Re-emitted from the number, after the head.
+            if length is not None or not value.isdigit():
+                return None
+            if len(value) > _MAX_CONTENT_LENGTH_DIGITS:
+                return None
+            length = int(value)
+            continue
         elif name in _REQUEST_REFUSED:
             return None
         elif name in _REQUEST_DROPPED:
@@ -379,6 +421,12 @@ def scan_request(
         elif name in _TRACE_FIELDS:
             traced = True
         kept.append(_line(name, value))
+    # The body is exactly the rest of the read (none without Content-Length): anything
+    # else is a body still to come, or a pipelined request.
+    if len(data) - head_end != (length or 0):
+        return None
+    if length is not None and 0 <= max_body < length:
+        return None  # the general path's 413
     if host is None or (close and close_named):
         return None
 
@@ -391,6 +439,10 @@ def scan_request(
         _line(b"via", via if via_in is None else via_in + b", " + via),
         _line(b"x-request-id", request_id),
     )
+    length_field = None
+    if length is not None:  # as Exchange.start appends it
+        length_field = _line(b"content-length", b"%d" % length)
+        kept.append(length_field)
     path, question, query = target.partition(b"?")
     return ExpressRequest(
         method=method,
@@ -405,6 +457,12 @@ def scan_request(
         _block=b"".join(kept),
         authorization=authorization[0] if len(authorization) == 1 else None,
         traced=traced,
+        method_name=method_name,
+        is_head=method == _HEAD,
+        get_or_head=method in (_GET, _HEAD),
+        body_length=length or 0,
+        length_field=length_field,
+        _head_end=head_end,
     )
 
 
