@@ -1221,6 +1221,9 @@ class ClientConnection:
         if upstream.host_header is not None:  # as Exchange.start: ours replaces the client's
             headers = [(n, v) for n, v in headers if n != b"host"]
             headers.append((b"host", upstream.host_header))
+        if head.content_length is not None:
+            # Re-emitted as Exchange.start does: a retry resends these fields.
+            headers.append((b"content-length", b"%d" % head.content_length))
         if span_ids is not None:
             # The unsampled span whose context the upstream was sent (Exchange.start).
             ex.span = span = Span(
