@@ -15,7 +15,8 @@ and sends a bearer token. ``--sampled`` is the chain with every request sampled 
 general path's cost for the 1% the chain records). ``--health`` gives the upstream active
 health checks (the ``fastedge-hc`` variant; the checks are not started, so the target
 stays healthy). ``--resilient`` adds a circuit breaker, outlier detection and retries to
-those (the ``fastedge-resilient`` variant).
+those (the ``fastedge-resilient`` variant). ``--post`` sends a POST with a small JSON body
+(the load harness's ``post`` scenario; on the express lane since session 17).
 
 `callgrind_annotate --inclusive=yes` on the second output shows where they go.
 """
@@ -43,6 +44,14 @@ CACHEABLE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n"
     b"Content-Type: text/plain\r\nCache-Control: max-age=3600\r\nContent-Length: 12\r\n"
     b"Connection: keep-alive\r\n\r\nhello world\n"
+)
+
+
+# The load harness's post scenario (bench/load/run.py POST_BODY) as wrk sends it.
+POST_JSON = b'{"id": 42, "items": [1, 2, 3], "note": "a small JSON body"}'
+POST_REQUEST = (
+    b"POST /hello HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Length: %d\r\n"
+    b"Content-Type: application/json\r\n\r\n%s" % (len(POST_JSON), POST_JSON)
 )
 
 
@@ -88,10 +97,11 @@ async def drive(
     sampled: bool = False,
     health: bool = False,
     resilient: bool = False,
+    post: bool = False,
 ) -> None:
     """Build a gateway with one idle pooled upstream connection and relay ``count``
     (``cache``: fill the cache once, then answer ``count`` hits from it)."""
-    request = REQUEST
+    request = POST_REQUEST if post else REQUEST
     if chain:
         token = b"Authorization: Bearer %s\r\n\r\n" % bench_token().encode()
         request = REQUEST[:-2] + token
@@ -131,6 +141,7 @@ def main() -> None:
             sampled="--sampled" in flags,
             health="--health" in flags,
             resilient="--resilient" in flags,
+            post="--post" in flags,
         )
     )
 

@@ -123,6 +123,19 @@ def test_format_latency() -> None:
     assert run.format_latency(2_500_000.0) == "2.50s"
 
 
+def test_post_scenario_runs_on_nginx_haproxy_and_plain_fastedge_only() -> None:
+    """The POST scenario is opt-in: the three proxies of the plain comparison name it, the
+    variants (measured against plain fastedge on GETs) and the others do not."""
+    runners = {name for name, spec in run.PROXIES.items() if spec.runs("post")}
+    assert runners == {"nginx", "haproxy", "fastedge"}
+    assert all(spec.runs("small") for name, spec in run.PROXIES.items() if name in runners)
+    assert not run.PROXIES["fastedge-cache"].runs("post")
+    assert "post" in run.OPT_IN_SCENARIOS and run.SCENARIOS["post"] == "/small"
+    # wrk's Lua: a POST with a JSON body (wrk adds its Content-Length).
+    assert 'wrk.method = "POST"' in run.POST_SCRIPT
+    assert f"wrk.body = '{run.POST_BODY}'" in run.POST_SCRIPT
+
+
 def test_write_results_creates_then_replaces_only_its_section(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
     run.write_results(results, "first run")
@@ -218,7 +231,9 @@ def test_harness_smoke_run(tmp_path: Path) -> None:
             # (a cache-hit row has no plain-nginx reference: its ratio is the comparison's)
             assert ratio.endswith("x") or scenario in run.OPT_IN_SCENARIOS, cells
     assert rows[("nginx", "small")][6] == "1.00x"
+    assert rows[("nginx", "post")][6] == "1.00x"
     assert "cache hits vs nginx proxy_cache hits" in done.stdout
+    assert "POST with a small JSON body vs nginx" in done.stdout
 
     written = results.read_text()
     assert run.RESULTS_START in written and run.RESULTS_END in written

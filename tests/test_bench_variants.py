@@ -191,3 +191,4 @@ async def test_proxy_loop_drives_the_plain_path_and_the_full_chain() -> None:
 
     await drive(20)
     await drive(20, chain=True)
+    await drive(20, post=True)  # a POST with a body: one write upstream per request

@@ -71,10 +71,24 @@ PROXY_CPU = "0"
 LOAD_CPU = "1"
 
 # The two scenarios: path on the upstream → short name used in the table.
-SCENARIOS: dict[str, str] = {"small": "/small", "64KiB": "/64k", "cache-hit": "/cached"}
-# Scenarios only the proxies that name them run (ProxySpec.scenarios): a cache hit means
-# nothing for a proxy without a cache (bench/load/cache.py).
-OPT_IN_SCENARIOS = frozenset({cache_bench.SCENARIO})
+SCENARIOS: dict[str, str] = {
+    "small": "/small",
+    "64KiB": "/64k",
+    "cache-hit": "/cached",
+    "post": "/small",
+}
+# Scenarios only the proxies that name them run (ProxySpec.scenarios, extra_scenarios): a
+# cache hit means nothing for a proxy without a cache (bench/load/cache.py); POST is
+# measured on nginx, HAProxy and plain fastedge only.
+OPT_IN_SCENARIOS = frozenset({cache_bench.SCENARIO, "post"})
+# The post scenario: wrk's request as an API client sends it, a small JSON body with its
+# Content-Length (wrk adds that field), answered by the same ``return 200``.
+POST_BODY = '{"id": 42, "items": [1, 2, 3], "note": "a small JSON body"}'
+POST_SCRIPT = (
+    'wrk.method = "POST"\n'
+    f"wrk.body = '{POST_BODY}'\n"
+    'wrk.headers["Content-Type"] = "application/json"\n'
+)
 SMALL_BODY = "hello from the upstream\n"
 _SMALL_BODY_NGINX = SMALL_BODY.replace("\n", "\\n")  # as an nginx string literal
 LARGE_BODY_SIZE = 64 * 1024
@@ -494,8 +508,9 @@ class ProxySpec:
     """How to start one proxy: ``command(workdir, port, upstream_port)`` → argv.
 
     ``command`` may write config files into ``workdir`` (a fresh directory per start).
-    ``cpus`` is its taskset CPU list, ``scenarios`` the scenarios it runs (``None``: all),
-    ``wrk_headers`` extra request fields wrk sends (``-H``).
+    ``cpus`` is its taskset CPU list, ``scenarios`` the scenarios it runs (``None``: all
+    but the opt-in ones, plus ``extra_scenarios``), ``wrk_headers`` extra request fields
+    wrk sends (``-H``).
     """
 
     name: str
@@ -503,11 +518,12 @@ class ProxySpec:
     cpus: str = PROXY_CPU
     scenarios: tuple[str, ...] | None = None
     wrk_headers: tuple[str, ...] = ()
+    extra_scenarios: tuple[str, ...] = ()
 
     def runs(self, scenario: str) -> bool:
         """Whether this proxy is measured in ``scenario``."""
         if self.scenarios is None:
-            return scenario not in OPT_IN_SCENARIOS
+            return scenario not in OPT_IN_SCENARIOS or scenario in self.extra_scenarios
         return scenario in self.scenarios
 
 
@@ -563,13 +579,13 @@ def _fastedge_command(
 PROXIES: dict[str, ProxySpec] = {
     spec.name: spec
     for spec in (
-        ProxySpec("nginx", _nginx_command),
-        ProxySpec("haproxy", _haproxy_command),
+        ProxySpec("nginx", _nginx_command, extra_scenarios=("post",)),
+        ProxySpec("haproxy", _haproxy_command, extra_scenarios=("post",)),
         ProxySpec("aiohttp", _aiohttp_command),
         # The ceiling for Python: uvloop + httptools copying bytes, nothing else
         # (bench/load/uvloop_relay.py); the small scenario is what it is a ceiling for.
         ProxySpec("uvloop-relay", _uvloop_relay_command, scenarios=("small",)),
-        ProxySpec("fastedge", _fastedge_command),
+        ProxySpec("fastedge", _fastedge_command, extra_scenarios=("post",)),
         # Issue 9's fastedge variants (bench/load/variants.py), compared with their
         # baselines in the report's second table.
         ProxySpec(
@@ -649,9 +665,15 @@ class Bench:
             raise HarnessError(f"upstream nginx did not start: {exc}") from exc
 
     def run_wrk(
-        self, port: int, path: str, duration: int, headers: Sequence[str] = ()
+        self,
+        port: int,
+        path: str,
+        duration: int,
+        headers: Sequence[str] = (),
+        script: Path | None = None,
     ) -> WrkResult:
-        """Run wrk on the load CPU against ``path`` and parse its output."""
+        """Run wrk on the load CPU against ``path`` (``script``: a wrk Lua script, the
+        post scenario's) and parse its output."""
         argv = self.processes.pinned(
             LOAD_CPU,
             [
@@ -661,6 +683,7 @@ class Bench:
                 f"-d{duration}s",
                 "--latency",
                 *(arg for header in headers for arg in ("-H", header)),
+                *(("-s", str(script)) if script is not None else ()),
                 f"http://127.0.0.1:{port}{path}",
             ],
         )
@@ -709,8 +732,13 @@ class Bench:
         """Warm up, then measure one scenario of a running proxy (raises ProxyFailed)."""
         spec = PROXIES[name]
         path = SCENARIOS[scenario]
-        self.run_wrk(port, path, WARMUP_S, spec.wrk_headers)
-        result = self.run_wrk(port, path, self.duration, spec.wrk_headers)
+        script = None
+        if scenario == "post":
+            script = self.workdir / "post.lua"
+            if not script.exists():
+                script.write_text(POST_SCRIPT)
+        self.run_wrk(port, path, WARMUP_S, spec.wrk_headers, script)
+        result = self.run_wrk(port, path, self.duration, spec.wrk_headers, script)
         if proc.poll() is not None:
             raise ProxyFailed(f"exited during the run with code {proc.returncode}")
         self.results.setdefault((name, scenario), []).append(result)

@@ -237,6 +237,8 @@ COMPARISONS: tuple[Comparison, ...] = (
     Comparison("plain proxy vs HAProxy", "fastedge", "haproxy", "small", goal=">= 1.0x"),
     Comparison("plain proxy p99 vs nginx p99", "fastedge", "nginx", "small", "p99", "<= 1.5x"),
     Comparison("64 KiB vs nginx", "fastedge", "nginx", "64KiB"),
+    # A small JSON POST: on the express lane since session 17 (the general path before).
+    Comparison("POST with a small JSON body vs nginx", "fastedge", "nginx", "post"),
     # How much of the Python ceiling (uvloop + httptools copying bytes) fastedge reaches.
     Comparison("plain proxy vs a bare uvloop relay", "fastedge", "uvloop-relay", "small"),
     Comparison(
