@@ -20,6 +20,7 @@ import os
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
+from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp, memcpy
@@ -426,6 +427,9 @@ cdef bytes _PATCH = b"PATCH"
 cdef bytes _DELETE = b"DELETE"
 cdef bytes _OPTIONS = b"OPTIONS"
 cdef bytes _EMPTY = b""
+# The request methods the lane takes, and their names (ExpressRequest.method_name).
+cdef tuple _METHODS = (_GET, _HEAD, _POST, _PUT, _PATCH, _DELETE, _OPTIONS)
+cdef tuple _METHOD_NAMES = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 cdef enum:
     MAX_CONTENT_LENGTH_DIGITS = 15  # below 2**53: no C overflow, as llhttp reads it
 
@@ -535,42 +539,25 @@ cpdef ExpressRequest scan_request(
     cdef Py_ssize_t cl = 0
     cdef bint close = False, close_named = False, valid, cache_sensitive = False
     cdef bint traced = False
-    cdef bytes method
+    cdef bytes method, candidate
     cdef str method_name
+    cdef Py_ssize_t k, mlen
     cdef Field* f
     if end < 18:
         return None
     # RFC 9110 §9.3's methods but CONNECT and TRACE (the general path refuses or
-    # answers those); any other token is the general path's.
-    if memcmp(p, b"GET ", 4) == 0:
-        method = _GET
-        method_name = "GET"
-        pos = 4
-    elif memcmp(p, b"HEAD ", 5) == 0:
-        method = _HEAD
-        method_name = "HEAD"
-        pos = 5
-    elif memcmp(p, b"POST ", 5) == 0:
-        method = _POST
-        method_name = "POST"
-        pos = 5
-    elif memcmp(p, b"PUT ", 4) == 0:
-        method = _PUT
-        method_name = "PUT"
-        pos = 4
-    elif memcmp(p, b"PATCH ", 6) == 0:
-        method = _PATCH
-        method_name = "PATCH"
-        pos = 6
-    elif memcmp(p, b"DELETE ", 7) == 0:
-        method = _DELETE
-        method_name = "DELETE"
-        pos = 7
-    elif memcmp(p, b"OPTIONS ", 8) == 0:
-        method = _OPTIONS
-        method_name = "OPTIONS"
-        pos = 8
-    else:
+    # answers those), GET first; any other token is the general path's. end >= 18:
+    # p[mlen] (at most p[7]) is inside the request.
+    method = None
+    for k in range(7):
+        candidate = <bytes>PyTuple_GET_ITEM(_METHODS, k)
+        mlen = PyBytes_GET_SIZE(candidate)
+        if p[mlen] == 32 and memcmp(p, PyBytes_AS_STRING(candidate), mlen) == 0:
+            method = candidate
+            method_name = <str>PyTuple_GET_ITEM(_METHOD_NAMES, k)
+            pos = mlen + 1
+            break
+    if method is None:
         return None
     tstart = pos
     if p[pos] != 47:  # origin-form only: '/'
