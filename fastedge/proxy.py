@@ -95,7 +95,6 @@ _PAUSE_PENDING = 4  # body buffered while connecting
 
 _TRACE_FIELDS = frozenset({b"traceparent", b"tracestate"})
 
-# The express lane's methods as metrics and logs spell them.
 # The client's Host, dropped on the lane for an upstream with its own host_header.
 _HOST_ONLY = (b"host",)
 # With a body, content-length moves too: Exchange.start appends it after the Host.
@@ -865,6 +864,7 @@ class ClientConnection:
         # The attempt's breaker generation on a resilient upstream (-1: not resilient),
         # what Exchange._attempt_resilient records for its first attempt.
         gen = -1
+        tier = None  # a resilient upstream's ResilientTier, when the lane asked it
         # The commonest upstream (round robin, nothing else) costs one attribute lookup;
         # the others (``full``) are read field by field.
         full = not upstream.express_plain
@@ -919,7 +919,6 @@ class ClientConnection:
                 extra = host_field if extra is None else host_field + extra
             if gen > -1 and upstream.verdicts:
                 # The retry budget's denominator (forward()).
-                tier = upstream.express_resilient
                 if tier is not None:
                     tier.record_request()
                 else:
