@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 HttpEngine: TypeAlias = Literal["auto", "h11", "fast"]
+IoMode: TypeAlias = Literal["auto", "edge", "loop"]
 Balance: TypeAlias = Literal["round_robin", "least_conn", "p2c_ewma", "consistent_hash"]
 
 _KIB: Final = 1024
@@ -108,6 +109,9 @@ class ServerConfig:
     http: HttpEngine = "auto"
     workers: int = 1
     # Processes sharing the listener (fastedge.workers); "auto" = one per usable CPU.
+    io: IoMode = "auto"
+    # Whose transports carry plain-TCP connections (fastedge.transports): "edge" =
+    # fastedge's own epoll set, "loop" = the event loop's; "auto" = edge where it runs.
     express: bool = True
     # The express lane (fastedge._core.express): simple GET/HEAD exchanges on plain routes
     # are scanned and rewritten in C. Off only to compare against the general path.
@@ -913,6 +917,7 @@ _SERVER_SCHEMA: Final[_Schema] = {
     "listen": _Key(_field(_listen)),
     "http": _Key(_field(_choice("auto", "h11", "fast"))),
     "workers": _Key(_field(_workers)),
+    "io": _Key(_field(_choice("auto", "edge", "loop"))),
     "express": _Key(_field(_boolean)),
     "tls": _Key(_tls),
     "header_timeout": _Key(_field(_duration_at_least(0, inclusive=False))),

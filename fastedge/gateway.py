@@ -26,6 +26,7 @@ from fastedge.observe.logging import AccessLog
 from fastedge.observe.metrics import Metrics
 from fastedge.observe.tracing import Tracer
 from fastedge.router import Route, Router
+from fastedge.transports import create_connection
 from fastedge.upstream.balancer import SmoothRoundRobin
 from fastedge.upstream.balancers import (
     ConsistentHash,
@@ -95,10 +96,10 @@ class Target:
         """Open one connection to this target (TLS when the target is https)."""
         from fastedge.proxy import UpstreamConnection
 
-        loop = asyncio.get_running_loop()
         # The protocol classes are compiled (Cython cdef classes cannot subclass
-        # asyncio.Protocol); they implement its methods, which is all the loop needs.
-        _, proto = await loop.create_connection(
+        # asyncio.Protocol); they implement its methods, which is all a transport needs.
+        # Through fastedge's own transports when the loop runs an edge listener.
+        _, proto = await create_connection(
             lambda: cast(asyncio.Protocol, UpstreamConnection(self)),
             self.host,
             self.port,

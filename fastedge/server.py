@@ -38,6 +38,7 @@ from fastedge.observe.metrics import MetricFamily, Metrics
 from fastedge.observe.tracing import Tracer
 from fastedge.observe.tracing_config import Tracing, build_tracing
 from fastedge.proxy import ClientConnection, ExpressLane
+from fastedge.transports import serve_edge, use_edge
 
 log = logging.getLogger("fastedge.server")
 
@@ -119,19 +120,27 @@ class ProxyServer:
             # A compiled class implementing asyncio.Protocol's methods (see proxy.pxd).
             return cast(asyncio.Protocol, ClientConnection(self, proto))
 
+        # fastedge's own transports where they run (fastedge.transports), else the loop's.
+        edge = use_edge(srv.io, tls=ssl_ctx is not None)
         if self._sock is not None:
-            self._server = await self.loop.create_server(
-                factory, sock=self._sock, ssl=ssl_ctx, backlog=srv.backlog
-            )
+            if edge:
+                self._server = serve_edge(self.loop, factory, self._sock)
+            else:
+                self._server = await self.loop.create_server(
+                    factory, sock=self._sock, ssl=ssl_ctx, backlog=srv.backlog
+                )
         else:
             host, port = srv.listen
             # Bound here when it can be: create_server would start resolver threads.
             sock = bind_numeric(host, port, backlog=srv.backlog, reuse_port=self._reuse_port)
             if sock is not None:
                 try:
-                    self._server = await self.loop.create_server(
-                        factory, sock=sock, ssl=ssl_ctx, backlog=srv.backlog
-                    )
+                    if edge:
+                        self._server = serve_edge(self.loop, factory, sock)
+                    else:
+                        self._server = await self.loop.create_server(
+                            factory, sock=sock, ssl=ssl_ctx, backlog=srv.backlog
+                        )
                 except BaseException:
                     sock.close()
                     raise

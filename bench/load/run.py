@@ -595,6 +595,7 @@ PROXIES: dict[str, ProxySpec] = {
         ),
         ProxySpec("fastedge-1k-routes", variants.routes_command, scenarios=("small",)),
         ProxySpec("fastedge-hc", variants.health_command, scenarios=("small",)),
+        ProxySpec("fastedge-loop-io", variants.loop_io_command, scenarios=("small",)),
         ProxySpec("fastedge-resilient", variants.resilient_command, scenarios=("small",)),
         # Cache hits against nginx proxy_cache hits (bench/load/cache.py).
         ProxySpec("nginx-cache", cache_bench.nginx_cache_command, scenarios=("cache-hit",)),

@@ -149,6 +149,17 @@ def resilient_config(port: int, upstream_port: int) -> str:
     )
 
 
+def loop_io_config(port: int, upstream_port: int) -> str:
+    """Plain proxying on the event loop's transports (``server.io = "loop"``)."""
+    return "\n".join(
+        [
+            _server(port, 'io = "loop"'),
+            _upstream(upstream_port),
+            '[[routes]]\nprefix = "/"\nupstream = "origin"\n',
+        ]
+    )
+
+
 def memory_config(port: int, upstream_port: int, connections: int) -> str:
     """Plain proxying with room for ``connections`` idle clients (``max_connections``
     defaults to 10,000, which the probe connection would exceed)."""
@@ -211,6 +222,13 @@ def resilient_command(
     return run_file_command(workdir, resilient_config(port, upstream_port))
 
 
+def loop_io_command(
+    workdir: Path, port: int, upstream_port: int, tools: dict[str, str]
+) -> list[str]:
+    """``fastedge-loop-io``: plain proxying on uvloop's transports."""
+    return run_file_command(workdir, loop_io_config(port, upstream_port))
+
+
 def chain_command(workdir: Path, port: int, upstream_port: int, tools: dict[str, str]) -> list[str]:
     """``fastedge-chain``; the JWT secret reaches the proxy through ``env``."""
     return [
@@ -241,6 +259,8 @@ COMPARISONS: tuple[Comparison, ...] = (
     Comparison("POST with a small JSON body vs nginx", "fastedge", "nginx", "post"),
     # How much of the Python ceiling (uvloop + httptools copying bytes) fastedge reaches.
     Comparison("plain proxy vs a bare uvloop relay", "fastedge", "uvloop-relay", "small"),
+    # What fastedge's own transports (fastedge._core.edgeio) buy over uvloop's.
+    Comparison("own transports vs the event loop's", "fastedge", "fastedge-loop-io", "small"),
     Comparison(
         "full policy chain vs nginx plain", "fastedge-chain", "nginx", "small", goal=">= 0.7x"
     ),

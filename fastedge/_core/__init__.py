@@ -5,6 +5,10 @@ Each component exists twice with one API (the aio-libs/multidict way):
 likewise ``lru``, ``ratelimit``, ``hashring`` and ``express`` (the data path's express
 lane scanners). ``FASTEDGE_NO_EXTENSIONS=1`` forces the
 Python twins; ``USING_EXTENSIONS`` says whether every compiled module was loaded.
+
+``edgeio`` (fastedge's own epoll transports) is the exception: it has no twin, because
+the event loop's own transports are its fallback and reference; ``fastedge.transports``
+chooses between them.
 """
 
 from __future__ import annotations
