@@ -34,6 +34,7 @@ DATA_PATH = [
     "fastedge/upstream/health.py",
     "fastedge/upstream/retry.py",
     "fastedge/upstream/resilient_tier.py",
+    "fastedge/upstream/express_view.py",
     "fastedge/router.py",
     "fastedge/observe/metrics.py",
     # The edge cache's hit path (the express lane answers fresh hits through it).

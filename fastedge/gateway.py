@@ -35,6 +35,7 @@ from fastedge.upstream.balancers import (
     PriorityGroups,
 )
 from fastedge.upstream.breaker import CircuitBreaker
+from fastedge.upstream.express_view import ExpressView
 from fastedge.upstream.health import HealthChecker, HealthState, OutlierDetector
 from fastedge.upstream.pool import ConnectionPool
 from fastedge.upstream.registry import UpstreamRegistry
@@ -144,6 +145,7 @@ class Upstream:
         "host_field",
         "host_header",
         "keyed",
+        "lane_view",
         "load_aware",
         "metrics",
         "name",
@@ -169,6 +171,8 @@ class Upstream:
         self.name = cfg.name
         self.config = cfg
         self.metrics = metrics
+        # The express lane's C view of this upstream (kept in step by _install).
+        self.lane_view = ExpressView()
         self.balance = cfg.balance
         self.hash_key = cfg.hash_key
         # round_robin needs no per-request bookkeeping; the others count requests in
@@ -364,6 +368,18 @@ class Upstream:
         self.express_plain = not (
             resilient or self.load_aware or self.keyed or self.host_header is not None
         )
+        view = self.lane_view
+        view.express = self.express
+        view.plain = self.express_plain
+        view.resilient = resilient
+        view.keyed = self.keyed
+        view.load_aware = self.load_aware
+        view.verdicts = self.verdicts
+        view.p2c = self.balance == "p2c_ewma"
+        view.host_field = self.host_field
+        view.balancer = balancer
+        view.tier = self.express_resilient
+        view.response_timeout = self.response_timeout
 
     def _probe_host(self, target: Target) -> str:
         hc = self.config.health_check

@@ -9,6 +9,7 @@ from fastedge._core.express cimport ExpressRequest, scan_request, scan_response_
 from fastedge.filters.express cimport ExpressContext, admit
 from fastedge.observe.metrics cimport Metrics, RouteStats
 from fastedge.upstream.pool cimport ConnectionPool, PooledBase
+from fastedge.upstream.express_view cimport ExpressView
 from fastedge.upstream.resilient_tier cimport ResilientTier
 
 
@@ -18,6 +19,7 @@ cdef class Exchange
 
 cdef class ExpressRoute:
     cdef public object route, upstream, chain, answer
+    cdef public ExpressView view
     cdef public tuple policies
     cdef public str name
     cdef public bint plain
@@ -91,14 +93,14 @@ cdef class ClientConnection:
     cpdef double _due(self)
     @cython.locals(lane=ExpressSettings)
     cpdef rearm(self)
-    @cython.locals(req=ExpressRequest, lane=ExpressSettings, span_ids=tuple, extra=bytes, plan=ExpressRoute, pool=ConnectionPool, admitted=ExpressContext, tier=ResilientTier)
+    @cython.locals(req=ExpressRequest, lane=ExpressSettings, span_ids=tuple, extra=bytes, plan=ExpressRoute, pool=ConnectionPool, admitted=ExpressContext, tier=ResilientTier, view=ExpressView, conn=UpstreamConnection)
     cpdef bint _express(self, bytes data, double now)
-    @cython.locals(req=ExpressRequest, lane=ExpressSettings, plan=ExpressRoute, tier=ResilientTier)
+    @cython.locals(req=ExpressRequest, lane=ExpressSettings, plan=ExpressRoute, tier=ResilientTier, view=ExpressView)
     cpdef express_response(self, bytes data)
     @cython.locals(req=ExpressRequest, lane=ExpressSettings, plan=ExpressRoute)
     cpdef _express_more(self, bytes data)
     cpdef _express_heard(self, ExpressSettings lane, ExpressRoute plan)
-    @cython.locals(pool=ConnectionPool)
+    @cython.locals(pool=ConnectionPool, view=ExpressView)
     cpdef _express_end(self, ExpressRequest req, ExpressSettings lane, ExpressRoute plan, UpstreamConnection up, object target, int status, bint reusable, Py_ssize_t body_length, bytes out, bint close)
     @cython.locals(req=ExpressRequest, plan=ExpressRoute)
     cpdef Exchange express_promote(self)

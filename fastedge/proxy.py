@@ -259,13 +259,25 @@ class ExpressRoute:
     on the route. The upstream is read through at each request, never copied: its
     balancer and targets change at runtime (health checks, traffic shifts)."""
 
-    __slots__ = ("answer", "chain", "name", "plain", "policies", "route", "stats", "upstream")
+    __slots__ = (
+        "answer",
+        "chain",
+        "name",
+        "plain",
+        "policies",
+        "route",
+        "stats",
+        "upstream",
+        "view",
+    )
 
     def __init__(self, route, stats):  # type: (Route[Upstream], RouteStats) -> None
         # Types as comments: annotations here would clash with proxy.pxd.
         self.route = route
         self.name = route.name
         self.upstream = route.upstream
+        # The upstream's C view, updated in place as the upstream changes (never stale).
+        self.view = route.upstream.lane_view
         chain = route.filters
         self.chain = chain
         # The chain's policy filters when the lane may decide them (auth, limits): its
@@ -846,7 +858,8 @@ class ClientConnection:
             self._express_answer(lane, req, plan, reply)
             return True
         upstream = plan.upstream
-        if not upstream.express:
+        view = plan.view
+        if not view.express:
             return False
         extra = None
         span_ids = None
@@ -867,23 +880,23 @@ class ClientConnection:
         tier = None  # a resilient upstream's ResilientTier, when the lane asked it
         # The commonest upstream (round robin, nothing else) costs one attribute lookup;
         # the others (``full``) are read field by field.
-        full = not upstream.express_plain
+        full = not view.plain
         if not full:
-            target = upstream.balancer.pick()
-        elif not upstream.resilient:
-            if upstream.keyed:  # Exchange.forward: the key's target, with bounded load
-                target = upstream.balancer.candidates(self._express_key(upstream, req))[0]
+            target = view.balancer.pick()
+        elif not view.resilient:
+            if view.keyed:  # Exchange.forward: the key's target, with bounded load
+                target = view.balancer.candidates(self._express_key(upstream, req))[0]
             else:
-                target = upstream.balancer.pick()
+                target = view.balancer.pick()
         else:
-            tier = upstream.express_resilient
+            tier = view.tier
             if tier is not None:
                 # One tier of round robin: express_attempt's choice, in C (with health
                 # checks only, express_pick's: every target admitted, generation 0).
                 attempt = tier.attempt()
             else:
                 attempt = upstream.express_attempt(
-                    self._express_key(upstream, req) if upstream.keyed else None
+                    self._express_key(upstream, req) if view.keyed else None
                 )
             if attempt is None:
                 return False  # nothing available: a fallback, a static answer or a 503
@@ -905,7 +918,7 @@ class ClientConnection:
             drop = admitted.drop
             extra = admitted.extra if extra is None else extra + admitted.extra
         if full:
-            host_field = upstream.host_field
+            host_field = view.host_field
             if host_field is not None:
                 # The upstream's own Host (Exchange.start): the client's is dropped and
                 # ours follows the request id (then the content-length, when there is
@@ -917,14 +930,14 @@ class ClientConnection:
                     host_field = host_field + length
                     drop = _HOST_AND_LENGTH if drop is None else drop + _HOST_AND_LENGTH
                 extra = host_field if extra is None else host_field + extra
-            if gen > -1 and upstream.verdicts:
+            if gen > -1 and view.verdicts:
                 # The retry budget's denominator (forward()).
                 if tier is not None:
                     tier.record_request()
                 else:
                     upstream.record_request()
-            if upstream.load_aware:  # in flight from now (Exchange.attach)
-                upstream.balancer.acquire(target)
+            if view.load_aware:  # in flight from now (Exchange.attach)
+                view.balancer.acquire(target)
         self.xfull = full
         transport = conn.transport
         self.xtrace = None
@@ -943,7 +956,7 @@ class ClientConnection:
         conn.xclient = self
         self.xstart = perf_counter()
         self.xsent = now
-        self.xdue = now + upstream.response_timeout
+        self.xdue = now + view.response_timeout
         transport.write(req.compose(plan.forward_target(req.path, req.query), drop, extra))
         if self._deadline_handle is None or self._deadline_at > self.xdue + 0.001:
             self.rearm()
@@ -981,15 +994,16 @@ class ClientConnection:
         plan = self.xroute
         assert up is not None and target is not None and plan is not None
         if self.xgen > -1:
-            upstream = plan.upstream
-            if upstream.verdicts:
+            view = plan.view
+            if view.verdicts:
+                upstream = plan.upstream
                 if status in upstream.retry_statuses:
                     # A status the retry policy may retry: the general path decides
                     # (report, budget, another attempt) exactly as for its own attempt.
                     self.express_promote().on_upstream_data(data)
                     return
                 # The attempt's verdict (Exchange.on_upstream_data: a 5xx is a failure).
-                tier = upstream.express_resilient
+                tier = view.tier
                 if tier is not None:
                     tier.report(target, self.xgen, status)
                 else:
@@ -1014,7 +1028,7 @@ class ClientConnection:
         """The upstream sent part of a body now: its last activity, from which its
         response timeout counts again (an idle timeout, as the general path's)."""
         self.xsent = now = lane.loop_time()
-        self.xdue = now + plan.upstream.response_timeout
+        self.xdue = now + plan.view.response_timeout
 
     def _express_more(self, data: bytes) -> None:
         """More of a ``Content-Length`` body the lane is relaying: written as it comes;
@@ -1074,11 +1088,11 @@ class ClientConnection:
         pool.give_back(up, reusable)
         elapsed = perf_counter() - self.xstart
         if self.xfull:
-            upstream = plan.upstream
-            if upstream.load_aware:  # the exchange's end (Exchange._release_load)
-                balancer = upstream.balancer
+            view = plan.view
+            if view.load_aware:  # the exchange's end (Exchange._release_load)
+                balancer = view.balancer
                 balancer.release(target)
-                if upstream.balance == "p2c_ewma":
+                if view.p2c:
                     balancer.observe(target, elapsed)
         plan.stats.observe(req.method_name, status, elapsed, elapsed)
         if lane.access_log:

@@ -12,6 +12,7 @@ cdef class ExpressRequest:
     cdef bytes _block  # the rewritten fields, each ending in CRLF
     cdef Py_ssize_t _fields_at  # where the first field line starts in data
     cdef Py_ssize_t _head_end  # where the body starts in data
+    cpdef bytes compose(self, bytes target, tuple drop=*, bytes extra=*)
 
 
 cpdef ExpressRequest scan_request(

@@ -441,10 +441,13 @@ cdef class ExpressRequest:
     def __init__(self):
         raise TypeError("ExpressRequest objects come from scan_request()")
 
-    def compose(self, bytes target not None, tuple drop=None, bytes extra=None):
+    cpdef bytes compose(self, bytes target, tuple drop=None, bytes extra=None):
         """The upstream request: ``METHOD target HTTP/1.1``, the fields without those
         named in ``drop`` (lower-case names), ``extra`` (field lines, each ending in
         CRLF), the blank line."""
+        # cpdef: the compiled proxy calls it in C (no method lookup per request).
+        if target is None:
+            raise TypeError("compose(): target must be bytes, not None")
         cdef Py_ssize_t mlen = PyBytes_GET_SIZE(self.method)
         cdef Py_ssize_t tlen = PyBytes_GET_SIZE(target)
         cdef Py_ssize_t blen = PyBytes_GET_SIZE(self._block)
