@@ -1,6 +1,7 @@
 """Public, embeddable API of fastedge's compiled core.
 
     from fastedge.core import LRUCache, TokenBucket, SlidingWindow, HashRing, PrefixRouter
+    from fastedge.core import siphash128, siphash64
 
 ``USING_EXTENSIONS`` is ``True`` when the compiled (Cython) implementations are loaded and
 ``False`` when the pure-Python twins serve (``FASTEDGE_NO_EXTENSIONS=1`` or no build).
@@ -16,6 +17,8 @@ from fastedge._core import (
     PrefixRouter,
     SlidingWindow,
     TokenBucket,
+    siphash64,
+    siphash128,
 )
 
 __all__ = [
@@ -25,4 +28,6 @@ __all__ = [
     "PrefixRouter",
     "SlidingWindow",
     "TokenBucket",
+    "siphash64",
+    "siphash128",
 ]

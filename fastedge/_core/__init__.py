@@ -2,9 +2,10 @@
 
 Each component exists twice with one API (the aio-libs/multidict way):
 ``router.pyx`` (compiled) and ``router_py.py`` (pure Python, the readable specification),
-likewise ``lru``, ``ratelimit``, ``hashring`` and ``express`` (the data path's express
-lane scanners). ``FASTEDGE_NO_EXTENSIONS=1`` forces the
-Python twins; ``USING_EXTENSIONS`` says whether every compiled module was loaded.
+likewise ``lru``, ``ratelimit``, ``hashring``, ``siphash`` (the auth token cache's
+keys) and ``express`` (the data path's express lane scanners).
+``FASTEDGE_NO_EXTENSIONS=1`` forces the Python twins; ``USING_EXTENSIONS`` says whether
+every compiled module was loaded.
 
 ``edgeio`` (fastedge's own epoll transports) is the exception: it has no twin, because
 the event loop's own transports are its fallback and reference; ``fastedge.transports``
@@ -30,6 +31,8 @@ if TYPE_CHECKING:  # the .pyi stubs of the compiled modules are the typed contra
     from .ratelimit import SlidingWindow as SlidingWindow
     from .ratelimit import TokenBucket as TokenBucket
     from .router import PrefixRouter as PrefixRouter
+    from .siphash import siphash64 as siphash64
+    from .siphash import siphash128 as siphash128
 
     USING_EXTENSIONS: bool
 else:
@@ -48,6 +51,7 @@ else:
             from .lru import LRUCache
             from .ratelimit import SlidingWindow, TokenBucket
             from .router import PrefixRouter
+            from .siphash import siphash64, siphash128
 
             USING_EXTENSIONS = True
         except ImportError:  # not compiled (e.g. a source checkout without build_ext)
@@ -65,6 +69,7 @@ else:
         from .lru_py import LRUCache
         from .ratelimit_py import SlidingWindow, TokenBucket
         from .router_py import PrefixRouter
+        from .siphash_py import siphash64, siphash128
 
 __all__ = [
     "NO_EXTENSIONS",
@@ -80,4 +85,6 @@ __all__ = [
     "scan_request",
     "scan_response",
     "scan_response_start",
+    "siphash64",
+    "siphash128",
 ]

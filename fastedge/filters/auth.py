@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import inspect
 import logging
 import math
@@ -71,7 +70,7 @@ from fastedge.config import (
     _string,
     _type_name,
 )
-from fastedge.core import LRUCache
+from fastedge.core import LRUCache, siphash128
 from fastedge.errors import Kind, ProxyError
 from fastedge.filters import FilterContext, Runtime
 from fastedge.filters.account import AccountCheckConfig, AccountChecker, AccountUnavailable
@@ -101,7 +100,11 @@ __all__ = [
 
 log = logging.getLogger("fastedge.auth")
 
-_sha256: Final = hashlib.sha256  # the token cache's key; bound once, hashed per request
+# The token cache's key: SipHash-2-4-128 of the token under this process's random key
+# (fastedge/_core/siphash.pyx says why not SHA-256). Nothing outside the process knows
+# the key, so no one can make a token that lands on another's entry; the cache and a
+# memory dump hold digests, never tokens.
+_TOKEN_KEY: Final = os.urandom(16)
 
 # --------------------------------------------------------------------------- algorithms
 
@@ -1036,7 +1039,7 @@ class AuthFilter(ExpressPolicyBase):
             return False
         now: float = state.clock()
         # The digest each time: remembering token -> digest would keep raw tokens.
-        entry: Verified | None = cache.get(_sha256(token).digest(), now=now)
+        entry: Verified | None = cache.get(siphash128(_TOKEN_KEY, token), now=now)
         if entry is None or not entry.fresh_from <= now < entry.fresh_until:
             return False  # not cached, or at or past the edge of its window (exactly: §4.1)
         account = state.account
@@ -1091,7 +1094,7 @@ class AuthFilter(ExpressPolicyBase):
         if token is None:
             return self._missing()
         now = state.clock()
-        digest = _sha256(token).digest()
+        digest = siphash128(_TOKEN_KEY, token)
         cache = state.cache
         if cache is not None:
             # Only verified tokens are cached, so a hit is well-formed: the syntax check

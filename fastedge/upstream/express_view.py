@@ -11,6 +11,11 @@ for its lifetime and updates it in place whenever those attributes change
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any  # noqa: F401 (type comments below)
+
+if TYPE_CHECKING:
+    from fastedge.upstream.resilient_tier import ResilientTier  # noqa: F401
+
 
 class ExpressView:
     """The lane's per-request view of one upstream (see the module docstring).
@@ -46,7 +51,7 @@ class ExpressView:
         self.load_aware = False
         self.verdicts = False
         self.p2c = False
-        self.host_field = None
-        self.balancer = None
-        self.tier = None
+        self.host_field = None  # type: bytes | None
+        self.balancer = None  # type: Any
+        self.tier = None  # type: ResilientTier | None
         self.response_timeout = 0.0

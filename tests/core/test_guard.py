@@ -8,7 +8,7 @@ import sys
 
 import fastedge.core
 
-COMPONENTS = ("router", "lru", "ratelimit", "hashring")
+COMPONENTS = ("router", "lru", "ratelimit", "hashring", "siphash")
 
 
 def test_normal_install_uses_the_compiled_core() -> None:
@@ -17,7 +17,14 @@ def test_normal_install_uses_the_compiled_core() -> None:
         assert not fastedge.core.USING_EXTENSIONS
         return
     assert fastedge.core.USING_EXTENSIONS, "compiled core missing: run `make build`"
-    for name in ("PrefixRouter", "LRUCache", "TokenBucket", "SlidingWindow", "HashRing"):
+    for name in (
+        "PrefixRouter",
+        "LRUCache",
+        "TokenBucket",
+        "SlidingWindow",
+        "HashRing",
+        "siphash128",
+    ):
         module = getattr(fastedge.core, name).__module__
         assert not module.endswith("_py"), f"{name} comes from {module}"
 
@@ -26,7 +33,8 @@ def test_no_extensions_selects_the_python_twins() -> None:
     code = (
         "import fastedge.core as c; "
         "print(c.USING_EXTENSIONS, sorted({getattr(c, n).__module__ for n in "
-        "('PrefixRouter','LRUCache','TokenBucket','SlidingWindow','HashRing')}))"
+        "('PrefixRouter','LRUCache','TokenBucket','SlidingWindow','HashRing',"
+        "'siphash128')}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -47,7 +55,12 @@ def test_data_path_is_compiled_in_a_normal_build() -> None:
 
     if os.environ.get("FASTEDGE_NO_EXTENSIONS", "") not in ("", "0"):
         return
-    for name in ("fastedge.proxy", "fastedge.http.fast_engine", "fastedge.http.headers"):
+    for name in (
+        "fastedge.proxy",
+        "fastedge.http.fast_engine",
+        "fastedge.http.headers",
+        "fastedge.upstream.express_view",
+    ):
         module = importlib.import_module(name)
         assert str(module.__file__).endswith(".so"), f"{name} is not compiled"
 
@@ -83,3 +96,22 @@ def test_compiled_proxy_keeps_the_compiled_scanners_when_python_is_asked_for() -
         check=True,
     ).stdout.strip()
     assert out == "fastedge._core.express"
+
+
+def test_own_transports_follow_the_build() -> None:
+    """fastedge's epoll transports (no twin: the loop's are the fallback) are there in a
+    normal Linux build and never chosen when Python is asked for."""
+    code = "import fastedge.transports as t; print(t.edge_available())"
+    for env, expected in (({}, "True"), ({"FASTEDGE_NO_EXTENSIONS": "1"}, "False")):
+        if not env and os.environ.get("FASTEDGE_NO_EXTENSIONS", "") not in ("", "0"):
+            continue
+        if not sys.platform.startswith("linux"):
+            expected = "False"
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert out == expected, env
