@@ -26,7 +26,7 @@ from fastedge.observe.logging import AccessLog
 from fastedge.observe.metrics import Metrics
 from fastedge.observe.tracing import Tracer
 from fastedge.router import Route, Router
-from fastedge.transports import create_connection
+from fastedge.transports import create_connection, upstream_edge
 from fastedge.upstream.balancer import SmoothRoundRobin
 from fastedge.upstream.balancers import (
     ConsistentHash,
@@ -54,6 +54,7 @@ class Target:
     __slots__ = (
         "authority",
         "breaker",
+        "edge_io",
         "host",
         "name",
         "pool",
@@ -80,6 +81,8 @@ class Target:
         self.ssl = ssl_ctx
         self.server_hostname = (upstream.tls_server_name or cfg.host) if ssl_ctx else None
         self.breaker: CircuitBreaker | None = None  # set by a resilient Upstream
+        # fastedge's own transports for its connections (server.io; set by Upstream).
+        self.edge_io = False
         pool = upstream.pool
         self.pool = ConnectionPool(
             cfg.url,
@@ -106,6 +109,7 @@ class Target:
             self.port,
             ssl=self.ssl,
             server_hostname=self.server_hostname,
+            edge=self.edge_io,
         )
         return cast("UpstreamConnection", proto)
 
@@ -134,6 +138,7 @@ class Upstream:
         "budget",
         "checker",
         "config",
+        "edge_io",
         "express",
         "express_health",
         "express_plain",
@@ -164,10 +169,13 @@ class Upstream:
         *,
         metrics: Metrics | None = None,
         previous: Upstream | None = None,
+        edge_io: bool = False,
     ) -> None:
         """``previous``: the same upstream of the config generation being replaced;
         breakers, health verdicts, ejections and the retry budget of targets with the
-        same URL (and the same settings) carry over from it."""
+        same URL (and the same settings) carry over from it. ``edge_io``: connect with
+        fastedge's own transports (fastedge.transports.upstream_edge)."""
+        self.edge_io = edge_io
         self.name = cfg.name
         self.config = cfg
         self.metrics = metrics
@@ -266,6 +274,7 @@ class Upstream:
                 self._ssl_ctx = _client_ssl_context(cfg)
             ctx = self._ssl_ctx
         target = Target(tcfg, cfg, ctx)
+        target.edge_io = self.edge_io
         b = cfg.breaker
         if b is not None:
             target.breaker = CircuitBreaker(
@@ -816,8 +825,9 @@ def build_gateway(
     registry: UpstreamRegistry = runtime.service(
         "fastedge.upstreams", lambda: UpstreamRegistry(metrics)
     )
+    edge_io = upstream_edge(srv.io)
     upstreams = {
-        name: Upstream(cfg, metrics=metrics, previous=registry.current.get(name))
+        name: Upstream(cfg, metrics=metrics, previous=registry.current.get(name), edge_io=edge_io)
         for name, cfg in config.upstreams.items()
     }
     for up in upstreams.values():

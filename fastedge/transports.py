@@ -11,9 +11,8 @@ Two choices, one contract (asyncio's transports):
 is plain TCP; TLS listeners and https upstreams always use the loop's transports, as do
 upstream targets named by a host name (the loop resolves them).
 
-The upstream side follows the client side: once a server has started an edge listener on
-a loop, :func:`create_connection` opens upstream connections to numeric addresses through
-the same epoll set.
+Upstream connections follow ``server.io`` too (:func:`upstream_edge`, decided per
+gateway): plain TCP to numeric addresses opens through the loop's epoll set.
 """
 
 from __future__ import annotations
@@ -99,6 +98,12 @@ def _numeric(host: str) -> bool:
     return True
 
 
+def upstream_edge(mode: IoMode) -> bool:
+    """Whether a gateway configured with ``server.io = mode`` opens its upstream
+    connections (plain TCP to numeric addresses) with fastedge's own transports."""
+    return mode != "loop" and edge_available()
+
+
 async def create_connection(
     factory: Callable[[], Any],
     host: str,
@@ -106,15 +111,16 @@ async def create_connection(
     *,
     ssl: _ssl.SSLContext | None = None,
     server_hostname: str | None = None,
+    edge: bool = False,
 ) -> tuple[Any, Any]:
-    """``loop.create_connection``, through the loop's epoll set when it has one.
-
-    TLS and host names go to the loop (it resolves names and speaks TLS).
-    """
+    """``loop.create_connection``, or with ``edge`` (see :func:`upstream_edge`) through
+    the loop's epoll set. TLS and host names always go to the loop (it resolves names
+    and speaks TLS)."""
     loop = asyncio.get_running_loop()
-    edge = edge_loop(loop)
-    if edge is None or ssl is not None or not _numeric(host):
+    if not edge or _edgeio is None or ssl is not None or not _numeric(host):
         return await loop.create_connection(
             factory, host, port, ssl=ssl, server_hostname=server_hostname
         )
-    return await _edgeio.open_connection(edge, factory, host, port)  # type: ignore[no-any-return]
+    return await _edgeio.open_connection(  # type: ignore[no-any-return]
+        edge_loop(loop, create=True), factory, host, port
+    )

@@ -11,7 +11,6 @@ refill on command.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from fastedge.config import Config, parse_config
 from fastedge.errors import ProxyError
 from fastedge.filters import FilterChain, FilterContext, Runtime, build_route_filters
 from fastedge.filters.account import AccountChecker
-from fastedge.filters.auth import AuthFilter, AuthState, Verified, _bearer
+from fastedge.filters.auth import AuthFilter, AuthState, Verified, _bearer, token_digest
 from fastedge.filters.express import ExpressContext, ExpressPolicyBase, admit
 from fastedge.filters.ratelimit import RateLimitFilter, build_rate_limit_filter
 from fastedge.observe.metrics import Metrics
@@ -152,7 +151,7 @@ def cache_token(f: AuthFilter, token: str) -> None:
     now = state.clock()
     entry = state.verify(token, now)
     assert isinstance(entry, Verified), entry
-    state.remember(hashlib.sha256(token.encode()).digest(), entry, now)
+    state.remember(token_digest(token.encode()), entry, now)
 
 
 def apply_edits(headers: list[tuple[bytes, bytes]], x: ExpressContext) -> list[tuple[bytes, bytes]]:
@@ -591,7 +590,8 @@ async def test_auth_lane_needs_an_account_known_enabled() -> None:
 
 
 def test_the_lane_keeps_no_raw_token() -> None:
-    """The verification cache is keyed by the token's SHA-256, and nothing on the auth
+    """The verification cache is keyed by the token's digest (SipHash-2-4-128 under the
+    process's key, token_digest), and nothing on the auth
     state holds the token itself after the lane's check (docs/config.md: the raw token is
     never stored)."""
     cfg = config({"auth": "p"}, auth=HS_POLICY)
@@ -602,7 +602,7 @@ def test_the_lane_keeps_no_raw_token() -> None:
     assert f.express_check(x)
     state = f.state
     assert state.cache is not None
-    assert state.cache.get(hashlib.sha256(token.encode()).digest(), now=state.clock()) is not None
+    assert state.cache.get(token_digest(token.encode()), now=state.clock()) is not None
     raw = token.encode()
     for name in dir(state):
         value = getattr(state, name, None)
@@ -951,7 +951,7 @@ def cached_hour_token(policy: dict[str, Any]) -> tuple[AuthFilter, Clock, str, V
     token = hs(claims(NOW, exp=int(NOW) + 3600))
     cache_token(f, token)
     assert f.state.cache is not None
-    entry = f.state.cache.get(hashlib.sha256(token.encode()).digest(), now=NOW)
+    entry = f.state.cache.get(token_digest(token.encode()), now=NOW)
     assert isinstance(entry, Verified)
     return f, clock, token, entry
 
@@ -1220,7 +1220,7 @@ def test_claim_keys_by_value_type(tenant: Any, shared: bool) -> None:
 def cached_entry(auth: AuthFilter, token: str) -> Verified:
     state = auth.state
     assert state.cache is not None
-    entry = state.cache.get(hashlib.sha256(token.encode()).digest(), now=state.clock())
+    entry = state.cache.get(token_digest(token.encode()), now=state.clock())
     assert isinstance(entry, Verified)
     return entry
 
@@ -1307,7 +1307,7 @@ def test_an_entry_cached_without_its_window_is_never_served_on_the_lane() -> Non
     f, clock, token, good = cached_hour_token(HS_POLICY)
     state = f.state
     assert state.cache is not None
-    digest = hashlib.sha256(token.encode()).digest()
+    digest = token_digest(token.encode())
     bare = Verified(good.claims, good.sub, good.exp, good.nbf, good.iat, good.headers, good.wire)
     assert bare.fresh_from > bare.fresh_until  # empty
     state.cache.set(digest, bare, ttl=3600, now=NOW)

@@ -121,7 +121,8 @@ cdef class _Handler:
     """Something registered in the epoll set: a listener or a connection."""
 
     cdef int fd
-    cdef unsigned int mask  # the events it is registered for (0: not registered)
+    cdef unsigned int mask  # the events it is registered for (UNREGISTERED: none)
+    cdef bint parked  # out of the set for now (a hang-up while paused; see on_event)
     cdef EdgeLoop edge
 
     cdef int on_event(self, unsigned int events) except -1:
@@ -173,36 +174,46 @@ cdef class EdgeLoop:
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, h.fd, &ev) < 0:
             raise _oserror(errno)
         h.mask = mask
+        h.parked = False
         self.live.add(h)
         return 0
 
     cdef int modify(self, _Handler h, unsigned int mask) except -1:
         cdef epoll_event ev
-        if h.mask == mask or h.fd < 0 or h.mask == UNREGISTERED:
+        cdef int op = EPOLL_CTL_MOD
+        if h.fd < 0 or h.mask == UNREGISTERED:
             return 0
-        if mask == 0:
-            self.park(h)  # 0 always means out of the set (see UNREGISTERED)
+        if h.parked:
+            if mask == 0:
+                return 0  # stays out until it wants events again
+            op = EPOLL_CTL_ADD
+        elif h.mask == mask:
             return 0
+        # A mask of 0 keeps the descriptor in the set: epoll still reports errors and
+        # hang-ups for it (a reset while reading is paused must not go unnoticed).
         ev.events = mask
         ev.data.ptr = <void *>h
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD if h.mask == 0 else EPOLL_CTL_MOD, h.fd, &ev) < 0:
+        if epoll_ctl(self.epfd, op, h.fd, &ev) < 0:
             raise _oserror(errno)
         h.mask = mask
+        h.parked = False
         return 0
 
     cdef void park(self, _Handler h) noexcept:
         """Take ``h`` out of the set but keep it alive (``modify`` puts it back)."""
         cdef epoll_event ev
-        if h.mask != UNREGISTERED and h.mask != 0:
+        if h.mask != UNREGISTERED and not h.parked:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, h.fd, &ev)
+            h.parked = True
             h.mask = 0
 
     cdef void unregister(self, _Handler h) noexcept:
         cdef epoll_event ev
         if h.mask == UNREGISTERED:
             return
-        if h.mask != 0:
+        if not h.parked:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, h.fd, &ev)
+        h.parked = False
         h.mask = UNREGISTERED
         # An event for it may still be in the batch being dispatched.
         self.dying.append(h)
@@ -247,6 +258,7 @@ cdef class EdgeTransport(_Handler):
     cdef dict extra
     cdef object sock  # a socket object over fd, made on demand (get_extra_info)
     cdef object waiter  # the connect future, while connecting
+    cdef bint made  # connection_made was called (then connection_lost always follows)
 
     def __cinit__(self):
         self.fd = -1
@@ -351,11 +363,11 @@ cdef class EdgeTransport(_Handler):
                     f"data argument must be a bytes-like object, not {type(data).__name__!r}"
                 )
             data = bytes(data)  # the caller may mutate a bytearray after we return
+        if self.eof_pending or self.eof_written:
+            raise RuntimeError("Cannot call write() after write_eof()")
         size = PyBytes_GET_SIZE(data)
         if size == 0:
             return
-        if self.eof_pending or self.eof_written:
-            raise RuntimeError("Cannot call write() after write_eof()")
         if self.fd < 0:
             return  # as asyncio: writes after the connection is gone are dropped
         if self.wsize == 0:
@@ -541,13 +553,16 @@ cdef class EdgeTransport(_Handler):
             return 0
         self.waiter = None
         self.edge.modify(self, EPOLLIN)
+        self.made = True
         try:
             self.protocol.connection_made(self)
         except Exception as exc:
             self._fatal(exc, "Fatal error: protocol.connection_made() call failed.")
-            waiter.set_exception(exc)
+            if not waiter.done():
+                waiter.set_exception(exc)
             return 0
-        waiter.set_result(None)
+        if not waiter.done():  # (connection_made may have cancelled the connect)
+            waiter.set_result(None)
         return 0
 
     cdef void _report(self, exc, str message) noexcept:
@@ -775,8 +790,13 @@ async def open_connection(EdgeLoop edge, protocol_factory, host, int port):
     try:
         await waiter
     except BaseException:
-        # Cancelled (a connect timeout) or refused: the descriptor goes with it, and
-        # the protocol, never connected, hears nothing.
+        if t.made:
+            # Connected (connection_made ran), then our caller was cancelled before it
+            # resumed: close it as any connection, connection_lost included.
+            t._force_close(None)
+            raise
+        # Cancelled while connecting (a connect timeout) or refused: the descriptor goes
+        # with it, and the protocol, never connected, hears nothing.
         t.protocol = None
         t.on_data = None
         t.waiter = None

@@ -26,7 +26,8 @@ Failures are 401 with ``WWW-Authenticate: Bearer error="invalid_token",
 error_description="..."`` (RFC 6750 §3.1), or ``Bearer realm="fastedge"`` alone when no
 token was sent (§3: no error code then); never a 500.
 
-Verified tokens are cached by the SHA-256 of the token (the raw token is never kept) until
+Verified tokens are cached by a keyed digest of the token (SipHash-2-4-128 under a
+random per-process key; the raw token is never kept) until
 ``exp``: a repeated token costs a hash and a dictionary hit, synchronously, instead of a
 signature check. ``nbf``/``max_age`` and the account status are re-checked on every hit.
 """
@@ -96,6 +97,7 @@ __all__ = [
     "build_auth_filter",
     "convert_auth_section",
     "convert_route_auth",
+    "token_digest",
 ]
 
 log = logging.getLogger("fastedge.auth")
@@ -105,6 +107,13 @@ log = logging.getLogger("fastedge.auth")
 # the key, so no one can make a token that lands on another's entry; the cache and a
 # memory dump hold digests, never tokens.
 _TOKEN_KEY: Final = os.urandom(16)
+
+
+def token_digest(token: bytes) -> bytes:
+    """The verification cache's key for ``token``: 16 bytes, meaningful in this process
+    only (the hot paths call ``siphash128`` inline)."""
+    return siphash128(_TOKEN_KEY, token)
+
 
 # --------------------------------------------------------------------------- algorithms
 
