@@ -31,6 +31,18 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     return {"uvloop": uvloop.new_event_loop}
 
 
+def has_ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (containers without IPv6 cannot)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 def start_server_process(module: str, *args: str) -> tuple[subprocess.Popen[str], int]:
     """Start ``python -m module args`` (a test server that prints ``PORT <n>`` once it
     listens: tests/origin.py, cache_origin.py, batch_origin.py, faulty_origin.py) as its

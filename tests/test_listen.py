@@ -30,22 +30,11 @@ from fastedge.config import parse_config
 from fastedge.listen import bind_numeric
 from fastedge.minihttp import Request, Response, start_server
 from fastedge.server import ProxyServer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, has_ipv6_loopback
 
 linux_only = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="counts threads in /proc/<pid>/task"
 )
-
-
-def _has_ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 def _listening(sock: socket.socket) -> bool:
@@ -111,7 +100,7 @@ def test_reuse_port_sets_so_reuseport_and_a_second_socket_can_share_the_port() -
             assert _listening(second)
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
 def test_ipv6_literal_gives_an_ipv6_only_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     # Linux makes a socket bound to one IPv6 address (not ::) v6-only by itself, so the
     # option read back on ::1 cannot show whether bind_numeric set it (as create_server

@@ -167,19 +167,23 @@ cdef class EdgeLoop:
         if not self.loop.is_closed():
             self.loop.remove_reader(self.epfd)
 
-    cdef int register(self, _Handler h, unsigned int mask) except -1:
+    cdef int _ctl(self, int op, _Handler h, unsigned int mask) except -1:
+        """Add ``h`` to the set or change its events (``op``); it is then in the set."""
         cdef epoll_event ev
         ev.events = mask
         ev.data.ptr = <void *>h
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, h.fd, &ev) < 0:
+        if epoll_ctl(self.epfd, op, h.fd, &ev) < 0:
             raise _oserror(errno)
         h.mask = mask
         h.parked = False
+        return 0
+
+    cdef int register(self, _Handler h, unsigned int mask) except -1:
+        self._ctl(EPOLL_CTL_ADD, h, mask)
         self.live.add(h)
         return 0
 
     cdef int modify(self, _Handler h, unsigned int mask) except -1:
-        cdef epoll_event ev
         cdef int op = EPOLL_CTL_MOD
         if h.fd < 0 or h.mask == UNREGISTERED:
             return 0
@@ -191,13 +195,7 @@ cdef class EdgeLoop:
             return 0
         # A mask of 0 keeps the descriptor in the set: epoll still reports errors and
         # hang-ups for it (a reset while reading is paused must not go unnoticed).
-        ev.events = mask
-        ev.data.ptr = <void *>h
-        if epoll_ctl(self.epfd, op, h.fd, &ev) < 0:
-            raise _oserror(errno)
-        h.mask = mask
-        h.parked = False
-        return 0
+        return self._ctl(op, h, mask)
 
     cdef void park(self, _Handler h) noexcept:
         """Take ``h`` out of the set but keep it alive (``modify`` puts it back)."""

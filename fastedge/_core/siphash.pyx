@@ -90,30 +90,23 @@ cdef void _siphash(const uint8_t *data, Py_ssize_t n, const uint8_t *key, uint8_
         _store64(out + 8, v[0] ^ v[1] ^ v[2] ^ v[3])
 
 
-cdef inline int _check_key(bytes key) except -1:
+cdef bytes _digest(bytes key, bytes data, bint wide):
     if key is None or PyBytes_GET_SIZE(key) != 16:
         raise ValueError("SipHash needs a 16-byte key")
-    return 0
+    if data is None:
+        raise TypeError("data must be bytes, not None")
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 16 if wide else 8)
+    _siphash(<const uint8_t *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
+             <const uint8_t *>PyBytes_AS_STRING(key), <uint8_t *>PyBytes_AS_STRING(out), wide)
+    return out
 
 
 cpdef bytes siphash128(bytes key, bytes data):
     """SipHash-2-4 of ``data`` under the 16-byte ``key``: 16 bytes (the reference
     implementation's byte order)."""
-    _check_key(key)
-    if data is None:
-        raise TypeError("data must be bytes, not None")
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, 16)
-    _siphash(<const uint8_t *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
-             <const uint8_t *>PyBytes_AS_STRING(key), <uint8_t *>PyBytes_AS_STRING(out), True)
-    return out
+    return _digest(key, data, True)
 
 
 cpdef bytes siphash64(bytes key, bytes data):
     """SipHash-2-4 of ``data`` under the 16-byte ``key``: 8 bytes, little-endian."""
-    _check_key(key)
-    if data is None:
-        raise TypeError("data must be bytes, not None")
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, 8)
-    _siphash(<const uint8_t *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
-             <const uint8_t *>PyBytes_AS_STRING(key), <uint8_t *>PyBytes_AS_STRING(out), False)
-    return out
+    return _digest(key, data, False)
