@@ -17,6 +17,9 @@ health checks (the ``fastedge-hc`` variant; the checks are not started, so the t
 stays healthy). ``--resilient`` adds a circuit breaker, outlier detection and retries to
 those (the ``fastedge-resilient`` variant). ``--post`` sends a POST with a small JSON body
 (the load harness's ``post`` scenario; on the express lane since session 17).
+``--routes`` configures 1,000 prefix routes in front of the one the requests match (the
+``fastedge-1k-routes`` variant): issue 9's "1,000 routes within 5% of 1 route", counted
+in instructions, which this host's noise cannot blur.
 
 `callgrind_annotate --inclusive=yes` on the second output shows where they go.
 """
@@ -30,7 +33,7 @@ from typing import Any, cast
 
 import uvloop
 
-from bench.load.variants import JWT_SECRET, JWT_SECRET_ENV, bench_token, chain_config
+from bench.load.variants import JWT_SECRET, JWT_SECRET_ENV, ROUTES, bench_token, chain_config
 from bench.test_bench_proxy import (
     REQUEST,
     RESPONSE,
@@ -38,6 +41,7 @@ from bench.test_bench_proxy import (
     fake_document,
     fake_server,
 )
+from fastedge.server import tune_gc
 
 # A response the edge cache stores, fresh for an hour (no Date: its age starts at 0).
 CACHEABLE = (
@@ -78,6 +82,16 @@ def cache_document() -> dict[str, Any]:
     return doc
 
 
+def routes_document(routes: int = ROUTES) -> dict[str, Any]:
+    """``fake_document`` behind ``routes - 1`` other prefix routes (``--routes``), as
+    ``bench.load.variants.routes_config`` lays them out."""
+    doc = fake_document()
+    upstream = doc["routes"][0]["upstream"]
+    others = [{"prefix": f"/api/v{n}/items", "upstream": upstream} for n in range(routes - 1)]
+    doc["routes"] = others + doc["routes"]
+    return doc
+
+
 def health_document(resilient: bool = False) -> dict[str, Any]:
     """``fake_document`` whose upstream has active health checks (``--health``) and, with
     ``resilient``, the default breaker, outlier detection and retries (``--resilient``)."""
@@ -98,6 +112,7 @@ async def drive(
     health: bool = False,
     resilient: bool = False,
     post: bool = False,
+    routes: bool = False,
 ) -> None:
     """Build a gateway with one idle pooled upstream connection and relay ``count``
     (``cache``: fill the cache once, then answer ``count`` hits from it)."""
@@ -119,7 +134,13 @@ async def drive(
         doc = chain_document(1.0 if sampled else None)
     else:
         doc = health_document(resilient) if health or resilient else fake_document()
+        if routes:
+            doc = routes_document()
     _, client, upstream = fake_server(doc)
+    # The collector as a running server has it (fastedge.server.tune_gc, since session
+    # 18 here): start-up objects frozen, so a bigger config (--routes) costs no more per
+    # full collection.
+    tune_gc()
     for _ in range(count):
         client.data_received(request)
         upstream.data_received(RESPONSE)
@@ -142,6 +163,7 @@ def main() -> None:
             health="--health" in flags,
             resilient="--resilient" in flags,
             post="--post" in flags,
+            routes="--routes" in flags,
         )
     )
 
