@@ -192,3 +192,16 @@ async def test_proxy_loop_drives_the_plain_path_and_the_full_chain() -> None:
     await drive(20)
     await drive(20, chain=True)
     await drive(20, post=True)  # a POST with a body: one write upstream per request
+    await drive(20, routes=True)  # 1,000 routes: still every request upstream
+
+
+def test_routes_document_matches_the_load_variant() -> None:
+    """``--routes`` has as many routes as the fastedge-1k-routes variant, the matched one
+    last (so the lane's router really holds the other 999)."""
+    from bench.load.variants import ROUTES
+    from bench.proxy_loop import routes_document
+
+    routes = routes_document()["routes"]
+    assert len(routes) == ROUTES
+    assert routes[-1]["prefix"] == "/"
+    assert len({r["prefix"] for r in routes}) == ROUTES
