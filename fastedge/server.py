@@ -31,7 +31,7 @@ from fastedge.config import Config, ConfigError, load_config, redacted
 from fastedge.filters import Runtime
 from fastedge.gateway import Gateway, build_gateway, make_runtime, redis_url
 from fastedge.http.engine import Engine
-from fastedge.listen import bind_numeric
+from fastedge.listen import bind_all, bind_numeric
 from fastedge.observe.collectors import ServerCollector, process_families
 from fastedge.observe.logging import AccessLog
 from fastedge.observe.metrics import MetricFamily, Metrics
@@ -143,6 +143,16 @@ class ProxyServer:
                         )
                 except BaseException:
                     sock.close()
+                    raise
+            elif edge:
+                # A name (or every interface): resolved once here; our transports have
+                # no resolver of their own.
+                socks = bind_all(host, port, backlog=srv.backlog, reuse_port=self._reuse_port)
+                try:
+                    self._server = serve_edge(self.loop, factory, socks)
+                except BaseException:
+                    for s in socks:
+                        s.close()
                     raise
             else:
                 self._server = await self.loop.create_server(

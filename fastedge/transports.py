@@ -8,8 +8,9 @@ Two choices, one contract (asyncio's transports):
 * ``loop``: the event loop's own (uvloop's ``create_server``/``create_connection``).
 
 ``server.io = "auto"`` (the default) picks ``edge`` when it is available and the listener
-is plain TCP; TLS listeners and https upstreams always use the loop's transports, as do
-upstream targets named by a host name (the loop resolves them).
+is plain TCP (a listen host that is a name is resolved once at start-up,
+``fastedge.listen.bind_all``); TLS listeners and https upstreams always use the loop's
+transports, as do upstream targets named by a host name (the loop resolves them).
 
 Upstream connections follow ``server.io`` too (:func:`upstream_edge`, decided per
 gateway): plain TCP to numeric addresses opens through the loop's epoll set.
@@ -78,16 +79,21 @@ def edge_loop(loop: asyncio.AbstractEventLoop, *, create: bool = False) -> Any:
 
 
 def serve_edge(
-    loop: asyncio.AbstractEventLoop, factory: Callable[[], Any], sock: socket.socket
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], Any],
+    socks: socket.socket | list[socket.socket],
 ) -> Any:
-    """Accept on the bound, listening ``sock`` with fastedge's own transports.
+    """Accept on the bound ``socks`` (listening, or made so) with fastedge's own
+    transports.
 
     Returns a server with ``asyncio.Server``'s ``sockets``, ``close()`` and
-    ``wait_closed()``; it owns ``sock`` from here on.
+    ``wait_closed()``; it owns the sockets from here on.
     """
-    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0:
-        sock.listen()
-    return _edgeio.EdgeServer(edge_loop(loop, create=True), factory, [sock])
+    socks = [socks] if isinstance(socks, socket.socket) else list(socks)
+    for sock in socks:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0:
+            sock.listen()
+    return _edgeio.EdgeServer(edge_loop(loop, create=True), factory, socks)
 
 
 def _numeric(host: str) -> bool:

@@ -1464,7 +1464,7 @@ async def test_proxy_answers_the_same_on_edge_and_loop(
     with edge its client connections really are EdgeTransports (and its upstream
     connection goes through the same epoll set), with loop they are not."""
     results = {}
-    for mode in ("loop", "edge"):  # loop first: an edge set, once made, serves the loop
+    for mode in ("loop", "edge"):
         server = ProxyServer(gateway_config(origin_port, "auto", io=mode))
         await server.start()
         try:
@@ -1506,6 +1506,33 @@ async def test_proxy_upstream_goes_through_edge(
             await client.close()
     finally:
         await server.shutdown(drain_timeout=1)
+
+
+@needs_edge
+async def test_listen_by_name_is_served_by_edge(
+    origin_port: int, fresh_edges: dict[int, Any]
+) -> None:
+    """A listen host that is a name ("localhost") is resolved once at start-up and every
+    address it names is served by the edge transports (not handed to the loop)."""
+    server = ProxyServer(gateway_config(origin_port, "auto", io="edge", listen="localhost:0"))
+    await server.start()
+    try:
+        srv = server._server
+        assert type(srv).__name__ == "EdgeServer"
+        assert srv.sockets and all(s.getsockname()[0] in ("127.0.0.1", "::1") for s in srv.sockets)
+        sock = next(s for s in srv.sockets if s.family == socket.AF_INET)
+        client = await Client.open(sock.getsockname()[1])
+        try:
+            await client.send(b"GET /bytes/10 HTTP/1.1\r\nHost: t\r\n\r\n")
+            resp = await client.read_response()
+            assert resp.status == 200 and len(resp.body) == 10
+            (conn,) = server.connections
+            assert type(conn.transport).__name__ == "EdgeTransport"
+        finally:
+            await client.close()
+    finally:
+        await server.shutdown(drain_timeout=1)
+    assert all(s.fileno() == -1 for s in srv.sockets)  # the server closed them
 
 
 def test_config_io_choices() -> None:

@@ -14,6 +14,7 @@ import asyncio
 import errno
 import gc
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import uvloop
 import fastedge.minihttp
 import fastedge.server
 from fastedge.config import parse_config
-from fastedge.listen import bind_numeric
+from fastedge.listen import bind_all, bind_numeric
 from fastedge.minihttp import Request, Response, start_server
 from fastedge.server import ProxyServer
 from tests.conftest import ROOT, has_ipv6_loopback
@@ -304,7 +305,7 @@ _PROXY_SCRIPT = textwrap.dedent(
     import uvloop
 
     from fastedge.config import parse_config
-    from fastedge.listen import bind_numeric
+    from fastedge.listen import bind_all, bind_numeric
     from fastedge.server import ProxyServer
 
 
@@ -430,3 +431,45 @@ def test_a_running_proxy_with_admin_stays_single_threaded() -> None:
     assert result["admin_status"].startswith("HTTP/1.1 200")
     assert result["threads_after_start"] == 1
     assert result["threads"] == 1
+
+
+def test_bind_all_binds_every_address_of_a_name() -> None:
+    """A name is resolved once, each address bound once (duplicates in the resolver's
+    answer skipped), every socket listening and non-blocking."""
+    socks = bind_all("localhost", 0, backlog=16)
+    try:
+        assert socks
+        addresses = [(s.family, s.getsockname()[0]) for s in socks]
+        assert len(addresses) == len(set(addresses))
+        assert (socket.AF_INET, "127.0.0.1") in addresses
+        for s in socks:
+            assert _listening(s)
+            assert s.getblocking() is False
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_bind_all_closes_what_it_bound_when_one_address_fails() -> None:
+    """A bind error on one of a name's addresses closes the sockets already bound (no
+    descriptor left, nothing listening on the other address) and says which address
+    failed, as bind_numeric does."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        with pytest.raises(OSError, match="error while attempting to bind on address"):
+            bind_all("localhost", port)
+        assert len(os.listdir("/proc/self/fd")) == before
+        if has_ipv6_loopback():
+            with socket.socket(socket.AF_INET6) as probe:
+                assert probe.connect_ex(("::1", port)) != 0  # ::1 was not left listening
+    finally:
+        taken.close()
+
+
+def test_bind_all_unknown_name() -> None:
+    with pytest.raises(socket.gaierror):
+        bind_all("no-such-host.invalid", 0)
