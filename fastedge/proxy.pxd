@@ -5,7 +5,7 @@
 
 cimport cython
 
-from fastedge._core.express cimport ExpressRequest, scan_request, scan_response_start
+from fastedge._core.express cimport ExpressRequest, monotonic, scan_request, scan_response_start
 from fastedge.filters.express cimport ExpressContext, admit
 from fastedge.observe.metrics cimport Metrics, RouteStats
 from fastedge.upstream.pool cimport ConnectionPool, PooledBase

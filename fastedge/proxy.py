@@ -28,7 +28,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Coroutine
-from time import perf_counter, time_ns
+from time import time_ns
 from typing import TYPE_CHECKING, Any, cast
 
 from fastedge.core import PrefixRouter
@@ -64,15 +64,26 @@ if TYPE_CHECKING:
     # Aliased: the compiled build cimports the class under its own name (proxy.pxd).
     from fastedge._core import ExpressRequest as _ExpressRequest
     from fastedge._core import new_root_trace, scan_request, scan_response_start
+    from fastedge._core.express_py import monotonic
 else:
     # Not through the fastedge._core selector: a compiled proxy (a .so is imported
     # whatever FASTEDGE_NO_EXTENSIONS says) is typed against the compiled scanners'
     # ExpressRequest (proxy.pxd), so it must use them; only a pure-Python build, which
     # has no compiled scanners, takes the twin.
     try:
-        from fastedge._core.express import new_root_trace, scan_request, scan_response_start
+        from fastedge._core.express import (
+            monotonic,
+            new_root_trace,
+            scan_request,
+            scan_response_start,
+        )
     except ImportError:
-        from fastedge._core.express_py import new_root_trace, scan_request, scan_response_start
+        from fastedge._core.express_py import (
+            monotonic,
+            new_root_trace,
+            scan_request,
+            scan_response_start,
+        )
 
 if TYPE_CHECKING:
     from fastedge.gateway import Gateway, Target, Upstream
@@ -472,7 +483,7 @@ class ClientConnection:
         # one byte at a time (slowloris) still times out.
         self.head_started = 0.0
         # The express request in flight (see _express): the scanned request, its route,
-        # target and upstream connection, when it started (perf_counter) and was sent
+        # target and upstream connection, when it started (monotonic) and was sent
         # (loop time), and its response deadline (loop time).
         lane = getattr(server, "express_lane", None)
         self.lane: ExpressLane | None = lane if isinstance(lane, ExpressLane) else None
@@ -954,7 +965,7 @@ class ClientConnection:
         self.xspan = span_ids
         self.xgen = gen
         conn.xclient = self
-        self.xstart = perf_counter()
+        self.xstart = monotonic()
         self.xsent = now
         self.xdue = now + view.response_timeout
         transport.write(req.compose(plan.forward_target(req.path, req.query), drop, extra))
@@ -1086,7 +1097,7 @@ class ClientConnection:
         transport.write(out)
         pool = target.pool
         pool.give_back(up, reusable)
-        elapsed = perf_counter() - self.xstart
+        elapsed = monotonic() - self.xstart
         if self.xfull:
             view = plan.view
             if view.load_aware:  # the exchange's end (Exchange._release_load)
@@ -1116,7 +1127,7 @@ class ClientConnection:
     ) -> None:
         """Write a filter's whole answer (an :class:`~fastedge.filters.ExpressReply`) to
         an express request, exactly as the general path's Exchange._answer would."""
-        start = perf_counter()
+        start = monotonic()
         assert self.lane is not None
         self.lane.served += 1
         self.gateway = lane.gateway
@@ -1144,7 +1155,7 @@ class ClientConnection:
                 )
             )
         )
-        elapsed = perf_counter() - start
+        elapsed = monotonic() - start
         plan.stats.observe(req.method_name, status, elapsed, None)
         if lane.access_log:
             self._express_log(req, plan, None, status, len(body), elapsed, None, None)
@@ -1351,7 +1362,7 @@ class Exchange:
     def __init__(self, conn: ClientConnection, head: RequestHead) -> None:
         self.conn = conn
         self.head = head
-        self.start = perf_counter()
+        self.start = monotonic()
         self.route: Route[Upstream] | None = None
         self.upstream: Upstream | None = None
         self.target: Target | None = None
@@ -1580,7 +1591,7 @@ class Exchange:
                 self.span.set_attribute("fastedge.upstream", fctx.upstream.name)
         upstream = self.upstream
         assert upstream is not None
-        self.up_start = perf_counter()
+        self.up_start = monotonic()
         if upstream.resilient:
             # Health, breakers, priority groups and retries: decided in a task, since any
             # attempt may need to wait (connect, backoff).
@@ -1739,7 +1750,7 @@ class Exchange:
                 self.attempt = 0  # the fallback's own retry policy starts afresh
                 _spawn(self.conn.gateway.loop, self._forward_resilient())
             else:
-                self.up_start = perf_counter()
+                self.up_start = monotonic()
                 # candidates() also serves a keyed (consistent-hash) fallback, which has
                 # no pick().
                 key = self._affinity_key(answer.hash_key) if answer.keyed else None
@@ -2219,7 +2230,7 @@ class Exchange:
         balancer = self.upstream.balancer
         balancer.release(target)
         if self.upstream.balance == "p2c_ewma":
-            balancer.observe(target, perf_counter() - self.up_start)
+            balancer.observe(target, monotonic() - self.up_start)
 
     def _detach_upstream(self, *, reusable: bool) -> None:
         self._release_load()
@@ -2307,7 +2318,7 @@ class Exchange:
         span = self.span
         trace_id = span.trace_id if span is not None else None
         self._end_span()
-        now = perf_counter()
+        now = monotonic()
         route = self.route.name if self.route is not None else "-"
         total = now - self.start
         upstream_s = (now - self.up_start) if self.up_start else None

@@ -25,5 +25,6 @@ cpdef ExpressRequest scan_request(
     int max_headers,
     Py_ssize_t max_body=*,
 )
+cpdef double monotonic() noexcept
 cpdef tuple scan_response(bytes data, bint head_request, bytes via, bytes request_id, bint close)
 cpdef tuple scan_response_start(bytes data, bint head_request, bytes via, bytes request_id, bint close)

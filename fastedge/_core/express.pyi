@@ -136,3 +136,6 @@ def scan_response_start(
     """:func:`scan_response`, and also a response whose ``Content-Length`` body has only
     begun to arrive: ``(status, reusable, body_length, bytes for the client, bytes of the
     body still to come)``, else ``None``."""
+
+def monotonic() -> float:
+    """``time.perf_counter()`` as the compiled data path reads it (no float object)."""
