@@ -102,7 +102,7 @@ class Target:
 
         # The protocol classes are compiled (Cython cdef classes cannot subclass
         # asyncio.Protocol); they implement its methods, which is all a transport needs.
-        # Through fastedge's own transports when the loop runs an edge listener.
+        # Through fastedge's own transports when server.io allows (edge_io, per gateway).
         _, proto = await create_connection(
             lambda: cast(asyncio.Protocol, UpstreamConnection(self)),
             self.host,

@@ -122,48 +122,43 @@ class ProxyServer:
 
         # fastedge's own transports where they run (fastedge.transports), else the loop's.
         edge = use_edge(srv.io, tls=ssl_ctx is not None)
-        if self._sock is not None:
-            if edge:
-                self._server = serve_edge(self.loop, factory, self._sock)
-            else:
-                self._server = await self.loop.create_server(
-                    factory, sock=self._sock, ssl=ssl_ctx, backlog=srv.backlog
-                )
+        host, port = srv.listen
+        owned = self._sock is None  # sockets bound here are closed here if serving fails
+        socks: list[socket.socket] | None = None
+        if not owned:
+            socks = [cast(socket.socket, self._sock)]
         else:
-            host, port = srv.listen
-            # Bound here when it can be: create_server would start resolver threads.
+            # Bound here when it can be: create_server would start resolver threads. A
+            # name (or several addresses) is resolved once here for our transports, which
+            # have no resolver of their own, and left to create_server otherwise.
             sock = bind_numeric(host, port, backlog=srv.backlog, reuse_port=self._reuse_port)
             if sock is not None:
-                try:
-                    if edge:
-                        self._server = serve_edge(self.loop, factory, sock)
-                    else:
-                        self._server = await self.loop.create_server(
-                            factory, sock=sock, ssl=ssl_ctx, backlog=srv.backlog
-                        )
-                except BaseException:
-                    sock.close()
-                    raise
+                socks = [sock]
             elif edge:
-                # A name (or every interface): resolved once here; our transports have
-                # no resolver of their own.
                 socks = bind_all(host, port, backlog=srv.backlog, reuse_port=self._reuse_port)
-                try:
+        if socks is None:
+            self._server = await self.loop.create_server(
+                factory,
+                host,
+                port,
+                ssl=ssl_ctx,
+                backlog=srv.backlog,
+                reuse_address=True,
+                reuse_port=self._reuse_port or None,
+            )
+        else:
+            try:
+                if edge:
                     self._server = serve_edge(self.loop, factory, socks)
-                except BaseException:
+                else:
+                    self._server = await self.loop.create_server(
+                        factory, sock=socks[0], ssl=ssl_ctx, backlog=srv.backlog
+                    )
+            except BaseException:
+                if owned:
                     for s in socks:
                         s.close()
-                    raise
-            else:
-                self._server = await self.loop.create_server(
-                    factory,
-                    host,
-                    port,
-                    ssl=ssl_ctx,
-                    backlog=srv.backlog,
-                    reuse_address=True,
-                    reuse_port=self._reuse_port or None,
-                )
+                raise
         try:
             await self._start_admin()
         except BaseException:

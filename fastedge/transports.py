@@ -37,8 +37,9 @@ if sys.platform.startswith("linux") and not NO_EXTENSIONS:
     except ImportError:  # a source checkout without build_ext: the loop's transports
         _edgeio = None
 
-# One epoll set per event loop that started an edge listener (keyed by id: uvloop's loops
-# are not weak-referenceable); entries of closed loops are dropped on the next lookup.
+# One epoll set per event loop that serves edge connections, made on first use (keyed by
+# id: uvloop's loops are not weak-referenceable); entries of closed loops are dropped on
+# the next creation.
 _edges: dict[int, Any] = {}
 
 

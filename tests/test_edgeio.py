@@ -10,7 +10,8 @@ The same test bodies run on two implementations of asyncio's transport contract:
 The far end of every connection is a plain non-blocking socket driven with
 ``loop.sock_*`` on 127.0.0.1 (and ::1 where the host has it), so what is checked is what
 a real peer sees. Where edgeio deliberately differs from uvloop the test runs on ``edge``
-only and its docstring says why; a behaviour where ``edge`` is wrong is an ``xfail(strict)``.
+only and its docstring says why (no test is marked xfail: the two edge bugs these tests
+found are fixed).
 The module ends with ``fastedge.transports`` (the selection) and the proxy end to end with
 ``server.io = "edge"`` and ``"loop"``.
 """
@@ -257,6 +258,8 @@ async def warm_up(impl: Impl) -> None:
 async def edge_impl() -> AsyncIterator[Impl]:
     """The edge implementation alone (for deliberate differences and edge-only checks)."""
     if edgeio is None:
+        # Only where the build has no edgeio (FASTEDGE_NO_EXTENSIONS, not Linux): then the
+        # proxy runs on the loop's transports and the "loop" half still runs every test.
         pytest.skip("fastedge._core.edgeio is not built")
     loop = asyncio.get_running_loop()
     edge = edgeio.EdgeLoop(loop)

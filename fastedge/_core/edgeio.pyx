@@ -252,7 +252,7 @@ cdef class EdgeTransport(_Handler):
     cdef Py_ssize_t wsize
     cdef Py_ssize_t high
     cdef Py_ssize_t low
-    cdef object peer_raw  # accept4's sockaddr bytes, decoded on demand
+    cdef object peer_raw  # accept4's sockaddr bytes, then (on demand) its decoded tuple
     cdef dict extra
     cdef object sock  # a socket object over fd, made on demand (get_extra_info)
     cdef object waiter  # the connect future, while connecting
@@ -276,13 +276,15 @@ cdef class EdgeTransport(_Handler):
     # --- asyncio.BaseTransport ----------------------------------------------------------
     def get_extra_info(self, name, default=None):
         """``peername``, ``sockname``, ``socket``; anything else is ``default``."""
-        if self.extra is None:
-            self.extra = {}
-        if name in self.extra:
-            return self.extra[name]
         if name == "peername" and self.peer_raw is not None:
-            value = _decode_sockaddr(self.peer_raw)
-        elif name in ("peername", "sockname", "socket") and self.fd >= 0:
+            # Accepted connections: accept4's address, decoded once and kept in place of
+            # the raw bytes (no per-connection dict: the proxy asks once per connection).
+            if type(self.peer_raw) is bytes:
+                self.peer_raw = _decode_sockaddr(self.peer_raw)
+            return self.peer_raw
+        if self.extra is not None and name in self.extra:
+            return self.extra[name]
+        if name in ("peername", "sockname", "socket") and self.fd >= 0:
             sock = self._socket()
             try:
                 value = (
@@ -294,6 +296,8 @@ cdef class EdgeTransport(_Handler):
                 return default
         else:
             return default
+        if self.extra is None:
+            self.extra = {}
         self.extra[name] = value
         return value
 
